@@ -1,0 +1,186 @@
+"""FineTuneModule: a pretrained timm backbone, a new head, and how it trains."""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import os
+import warnings
+from dataclasses import asdict
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from finetune.backbones import create_backbone
+from finetune.freezing import FreezeSpec, apply_freeze, frozen_norms, set_frozen_norms_eval
+from finetune.optim import build_scheduler, param_groups
+
+__all__ = ["FineTuneModule"]
+
+# Frozen BatchNorm layers are in eval mode on purpose (see finetune.freezing).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+# Set while load_from_checkpoint rebuilds a module: the checkpoint holds every weight,
+# so looking up pretrained weights again would be wasted time, or fail on a machine
+# that lacks the original weights file.
+_RESTORING = contextvars.ContextVar("finetune_restoring", default=False)
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameters as plain Python data, so checkpoints load with weights_only."""
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, FreezeSpec):
+        return asdict(value)
+    return value
+
+
+class FineTuneModule(pl.LightningModule):
+    """Fine-tune an ImageNet-pretrained timm backbone with a new classification head.
+
+    Batches are ``(images, labels)`` tensors, so any such DataLoader works.
+
+    Args:
+        backbone: timm model name.
+        num_classes: classes of the new head.
+        pretrained: start from pretrained weights (see :mod:`finetune.backbones`).
+        weights: explicit pretrained weights file.
+        freeze: strategy name (``none``, ``head_only``), a :class:`FreezeSpec`, or a mapping.
+        lr: learning rate of the head.
+        backbone_lr_mult: the backbone's LR is ``lr * backbone_lr_mult``: pretrained
+            weights need much smaller steps than the freshly initialized head.
+        weight_decay: AdamW weight decay (not applied to norms and biases).
+        sched: ``cosine``, ``linear`` or ``constant``, after linear warmup.
+        warmup_epochs: epochs of linear warmup (fractions allowed).
+        drop_rate: dropout before the classifier.
+        label_smoothing: cross-entropy label smoothing.
+        class_names: names of the classes, saved with the checkpoint.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        num_classes: int = 10,
+        pretrained: bool = True,
+        weights: str | None = None,
+        freeze: str | FreezeSpec | Mapping[str, Any] = "none",
+        lr: float = 1e-3,
+        backbone_lr_mult: float = 0.1,
+        weight_decay: float = 0.01,
+        sched: str = "cosine",
+        warmup_epochs: float = 0.0,
+        drop_rate: float = 0.0,
+        label_smoothing: float = 0.0,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        spec = FreezeSpec.parse(_plain(freeze))
+        self.save_hyperparameters()
+        self.hparams["freeze"] = asdict(spec)
+        if class_names is not None:
+            self.hparams["class_names"] = list(class_names)
+        if weights is not None:
+            self.hparams["weights"] = os.fspath(weights)
+
+        built = create_backbone(backbone, pretrained=pretrained and not _RESTORING.get(), weights=weights)
+        self.weights_source = "checkpoint" if _RESTORING.get() else built.weights_source
+        model = built.model
+        model.reset_classifier(0)
+        self.backbone = model
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(model.num_features, num_classes))
+        self.freeze_spec = spec
+        apply_freeze(self.backbone, self.head, spec)
+        # A plain list, so these modules are not registered twice.
+        self._frozen_norms: list[nn.Module] = frozen_norms(self.backbone, spec)
+        set_frozen_norms_eval(self._frozen_norms)
+
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.has_top5 = num_classes > 5
+        if self.has_top5:
+            self.val_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            self.test_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "FineTuneModule":  # type: ignore[override]
+        """Rebuild from a checkpoint without Hydra and without fetching pretrained weights."""
+        token = _RESTORING.set(True)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _RESTORING.reset(token)
+
+    # -- model -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def train(self, mode: bool = True) -> "FineTuneModule":
+        super().train(mode)
+        if mode:
+            set_frozen_norms_eval(self._frozen_norms)
+        return self
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's preprocessing (input size, mean, std, interpolation, crop_pct)."""
+        import timm
+
+        return timm.data.resolve_model_data_config(self.backbone)
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- steps -------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=stage == "val", batch_size=len(y))
+        acc = getattr(self, f"{stage}_acc")
+        acc(logits, y)
+        self.log(f"{stage}/acc", acc, prog_bar=True, batch_size=len(y))
+        if self.has_top5:
+            top5 = getattr(self, f"{stage}_top5")
+            top5(logits, y)
+            self.log(f"{stage}/top5", top5, batch_size=len(y))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)
+
+    # -- optimization ----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = param_groups(self.backbone, self.head, hp.lr, hp.backbone_lr_mult, hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            total, warmup = 1, 0
+        else:
+            epochs = max(1, self.trainer.max_epochs or 1)
+            warmup = int(round(hp.warmup_epochs * total / epochs))
+        scheduler = build_scheduler(optimizer, hp.sched, int(total), warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

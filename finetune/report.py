@@ -1,0 +1,41 @@
+"""The one-screen summary printed at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["print_summary"]
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "-"
+
+
+def print_summary(
+    metrics: dict[str, Any],
+    run_dir: Path,
+    class_counts: dict[str, list[int]],
+    notes: list[str],
+) -> None:
+    m = metrics
+    lines = [
+        f"recipe      {m.get('recipe') or '-'}",
+        f"backbone    {m['backbone']}  (weights: {m['weights_source']})",
+        f"data        {m['data']}  {m['num_classes']} classes, {m['image_size']} px, "
+        + ", ".join(f"{k} {v}" for k, v in m["split_sizes"].items()),
+        f"freeze      {m['freeze']}  trainable {m['trainable_params']:,} of {m['total_params']:,} params "
+        f"({100 * m['trainable_params'] / max(1, m['total_params']):.1f}%)",
+        f"training    {m['epochs']} epochs in {m['train_time_s']:.1f} s",
+        f"val         top-1 {_pct(m.get('val_acc'))}   top-5 {_pct(m.get('val_top5'))}",
+    ]
+    if "test_acc" in m:
+        lines.append(f"test        top-1 {_pct(m.get('test_acc'))}   top-5 {_pct(m.get('test_top5'))}")
+    for split, counts in class_counts.items():
+        shown = " ".join(str(c) for c in counts[:20]) + (" ..." if len(counts) > 20 else "")
+        lines.append(f"per class   {split}: {shown}")
+    lines += [f"note        {n}" for n in notes]
+    lines.append(f"run dir     {run_dir}")
+    width = max(len(s) for s in lines)
+    bar = "=" * width
+    print("\n".join(["", bar, "finetune summary".center(width), bar, *lines, bar]), flush=True)

@@ -1,0 +1,129 @@
+"""FineTuneModule: freezing, BatchNorm, parameter groups, checkpoints, plain Lightning use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from finetune import FineTuneModule
+from finetune.errors import FineTuneError
+
+from conftest import TINY_MODELS
+
+
+def _loader(n: int = 16, classes: int = 3, size: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.arange(n) % classes
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def _trainer(tmp_path: Path, **kw) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
+
+
+def _bn_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running_" in k}
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_head_only_trains_exactly_the_head(name: str) -> None:
+    m = FineTuneModule(name, num_classes=4, pretrained=False, freeze="head_only")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"head.1.weight", "head.1.bias"}
+    assert m.trainable_params() == m.backbone.num_features * 4 + 4
+    full = FineTuneModule(name, num_classes=4, pretrained=False, freeze="none")
+    assert full.trainable_params() == full.total_params()
+
+
+def test_frozen_batchnorm_statistics_stay_bit_identical(tmp_path: Path) -> None:
+    m = FineTuneModule("test_resnet", num_classes=3, pretrained=False, freeze="head_only")
+    before = _bn_stats(m)
+    backbone_before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    _trainer(tmp_path).fit(m, _loader(), _loader())
+    after = _bn_stats(m)
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(v, m.backbone.state_dict()[k]) for k, v in backbone_before.items())
+    # ...and they stay frozen although Lightning calls model.train() every epoch.
+    m.train()
+    assert all(not bn.training for bn in m.backbone.modules() if isinstance(bn, nn.BatchNorm2d))
+
+
+def test_trainable_batchnorm_statistics_change(tmp_path: Path) -> None:
+    m = FineTuneModule("test_resnet", num_classes=3, pretrained=False, freeze="none")
+    before = _bn_stats(m)
+    _trainer(tmp_path).fit(m, _loader(), _loader())
+    after = _bn_stats(m)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_bn_lets_affine_params_train_but_not_statistics(tmp_path: Path) -> None:
+    m = FineTuneModule("test_resnet", num_classes=3, pretrained=False, freeze={"name": "head_only", "train_bn": True})
+    bn = next(x for x in m.backbone.modules() if isinstance(x, nn.BatchNorm2d))
+    assert bn.weight.requires_grad
+    w, stats = bn.weight.detach().clone(), _bn_stats(m)
+    _trainer(tmp_path).fit(m, _loader(), _loader())
+    assert not torch.equal(w, bn.weight.detach())
+    assert all(torch.equal(stats[k], v) for k, v in _bn_stats(m).items())
+
+
+def test_param_groups_have_head_and_reduced_backbone_lrs(tmp_path: Path) -> None:
+    m = FineTuneModule("test_resnet", num_classes=3, pretrained=False, lr=0.01, backbone_lr_mult=0.1, sched="constant")
+    trainer = _trainer(tmp_path)
+    trainer.fit(m, _loader(), _loader())
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert groups["head"]["lr"] == pytest.approx(0.01)
+    assert groups["backbone"]["lr"] == pytest.approx(0.001)
+    assert groups["backbone_no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim <= 1 for p in groups["backbone_no_decay"]["params"])
+    n_in_groups = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert n_in_groups == m.total_params()
+
+
+def test_top5_is_logged_only_with_more_than_five_classes(tmp_path: Path) -> None:
+    many = FineTuneModule("test_resnet", num_classes=7, pretrained=False)
+    trainer = _trainer(tmp_path)
+    trainer.fit(many, _loader(classes=7), _loader(classes=7))
+    assert {"val/acc", "val/top5", "train/acc"} <= set(trainer.callback_metrics)
+    few = FineTuneModule("test_resnet", num_classes=3, pretrained=False)
+    trainer = _trainer(tmp_path)
+    trainer.fit(few, _loader(), _loader())
+    assert "val/top5" not in trainer.callback_metrics
+
+
+def test_checkpoint_rebuilds_without_hydra_or_weights_file(tmp_path: Path) -> None:
+    import timm
+
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    m = FineTuneModule("test_resnet", num_classes=3, weights=str(weights), freeze="head_only", class_names=["a", "b", "c"])
+    trainer = _trainer(tmp_path)
+    trainer.fit(m, _loader(), _loader())
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    weights.unlink()  # the checkpoint holds every weight: the original file is not needed
+    loaded = FineTuneModule.load_from_checkpoint(ckpt)
+    assert loaded.hparams.class_names == ["a", "b", "c"] and loaded.hparams.freeze["name"] == "head_only"
+    x = torch.randn(2, 3, 32, 32)
+    m.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(m(x), loaded(x))
+
+
+def test_unknown_freeze_strategy() -> None:
+    with pytest.raises(FineTuneError, match="unknown freeze strategy 'bogus'"):
+        FineTuneModule("test_resnet", num_classes=3, pretrained=False, freeze="bogus")
