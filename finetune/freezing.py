@@ -1,38 +1,70 @@
-"""Which parameters train, and BatchNorm that stays frozen while the rest trains.
+"""Which parameters train at each epoch, and BatchNorm that stays frozen while the rest trains.
 
-A frozen BatchNorm layer must not update its running statistics. Setting it to
-eval mode once is not enough, because Lightning calls ``model.train()`` at the
-start of every epoch (Lightning #2551); :class:`finetune.FineTuneModule` re-applies
-:func:`set_frozen_norms_eval` from its ``train()`` override.
+A strategy (:class:`FreezeSpec`) gives every backbone parameter the epoch from which it
+trains, or ``None`` for never; the new head always trains from epoch 0. Stages come from the
+model itself (:mod:`finetune.stage_groups`), so one strategy fits every timm family.
+
+Design choices that avoid the peers' bugs:
+
+* Every parameter is in the optimizer from the first step; a stage that is still frozen
+  has ``requires_grad=False`` (no activations kept for backward, no gradients computed)
+  and a learning rate of 0. Unfreezing changes neither the number of parameter groups nor
+  the scheduler, so schedulers see every group and resume restores them
+  (Lightning #8720, #12141, #6891, #8502; PyTorch #79888).
+* Which parameters train is a pure function of the epoch, re-applied at the start of each
+  epoch: a resumed run re-derives it instead of restoring fragile callback state.
+* A frozen BatchNorm layer keeps its running statistics. Eval mode is not enough by
+  itself, because Lightning calls ``model.train()`` every epoch (Lightning #2551), so
+  :class:`finetune.FineTuneModule` re-applies it from its ``train()`` override.
+* Under DDP, gradient sync needs the same trainable set on every rank at every step
+  (Lightning #20340): there, parameters that will ever train keep ``requires_grad=True``
+  from the start and are gated by their learning rate alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from torch import nn
 
 from finetune.errors import FineTuneError
+from finetune.stage_groups import Stage, backbone_stages
 
-__all__ = ["FREEZE_STRATEGIES", "FreezeSpec", "apply_freeze", "frozen_norms", "set_frozen_norms_eval"]
+__all__ = ["FREEZE_STRATEGIES", "FreezePlan", "FreezeSpec", "set_frozen_norms_eval"]
 
-FREEZE_STRATEGIES = ("none", "head_only")
+FREEZE_STRATEGIES = ("none", "head_only", "top_stages", "bottom_stages", "gradual", "lp_ft", "patterns")
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+_BN = nn.modules.batchnorm._BatchNorm
 
 
 @dataclass(frozen=True)
 class FreezeSpec:
-    """How much of the backbone trains.
+    """How much of the backbone trains, and when.
 
     Attributes:
-        name: ``none`` (everything trains) or ``head_only`` (linear probe).
-        train_bn: let the affine parameters of frozen BatchNorm layers train
-            (their running statistics stay frozen either way).
+        name: ``none`` (everything trains), ``head_only`` (linear probe), ``top_stages``
+            (the last ``n`` stages train), ``bottom_stages`` (the first ``n`` stages train:
+            surgical fine-tuning for input-level shift), ``gradual`` (start head-only and
+            unfreeze one more stage from the top every ``every_n_epochs``), ``lp_ft``
+            (head-only for ``unfreeze_at_epoch`` epochs, then everything), or ``patterns``
+            (parameter names matching ``trainable`` train, unless they match ``frozen``).
+        n: stages for ``top_stages`` / ``bottom_stages``.
+        every_n_epochs: epochs between unfreezing steps of ``gradual``.
+        unfreeze_at_epoch: epoch at which ``lp_ft`` unfreezes the backbone.
+        trainable: fnmatch patterns of backbone parameter names that train (``patterns``).
+        frozen: fnmatch patterns of backbone parameter names that stay frozen (``patterns``).
+        train_bn: let the affine parameters of frozen BatchNorm layers train (their
+            running statistics stay frozen either way).
     """
 
     name: str = "none"
+    n: int = 2
+    every_n_epochs: int = 1
+    unfreeze_at_epoch: int = 1
+    trainable: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
     train_bn: bool = False
 
     @classmethod
@@ -43,35 +75,143 @@ class FreezeSpec:
         elif isinstance(spec, str):
             out = cls(name=spec)
         else:
-            known = {"name", "train_bn"}
+            known = set(cls.__dataclass_fields__)
             extra = set(spec) - known
             if extra:
                 raise FineTuneError(f"unknown freeze option(s) {sorted(extra)}; known: {sorted(known)}")
-            out = cls(**dict(spec))
-        if out.name not in FREEZE_STRATEGIES:
-            raise FineTuneError(f"unknown freeze strategy '{out.name}'; choose one of {', '.join(FREEZE_STRATEGIES)}")
+            values = dict(spec)
+            for key in ("trainable", "frozen"):
+                if key in values:
+                    values[key] = tuple(values[key] or ())
+            out = cls(**values)
+        out.validate()
         return out
 
+    def validate(self) -> None:
+        if self.name not in FREEZE_STRATEGIES:
+            raise FineTuneError(
+                f"unknown freeze strategy '{self.name}'; choose one of {', '.join(FREEZE_STRATEGIES)}"
+            )
+        if self.name in ("top_stages", "bottom_stages") and self.n < 0:
+            raise FineTuneError(f"freeze.n must be >= 0, got {self.n}")
+        if self.name == "gradual" and self.every_n_epochs < 1:
+            raise FineTuneError(f"freeze.every_n_epochs must be >= 1, got {self.every_n_epochs}")
+        if self.name == "lp_ft" and self.unfreeze_at_epoch < 0:
+            raise FineTuneError(f"freeze.unfreeze_at_epoch must be >= 0, got {self.unfreeze_at_epoch}")
+        if self.name == "patterns" and not (self.trainable or self.frozen):
+            raise FineTuneError("freeze=patterns needs freeze.trainable and/or freeze.frozen patterns")
 
-def apply_freeze(backbone: nn.Module, head: nn.Module, spec: FreezeSpec) -> None:
-    """Set ``requires_grad`` on every parameter of ``backbone`` and ``head``."""
-    for p in head.parameters():
-        p.requires_grad_(True)
-    train_backbone = spec.name == "none"
-    for p in backbone.parameters():
-        p.requires_grad_(train_backbone)
-    if spec.train_bn and not train_backbone:
-        for m in backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(True)
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["trainable"], d["frozen"] = list(self.trainable), list(self.frozen)
+        return d
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether the trainable set changes during training."""
+        return self.name in ("gradual", "lp_ft")
 
 
-def frozen_norms(backbone: nn.Module, spec: FreezeSpec) -> list[nn.Module]:
-    """BatchNorm layers whose running statistics must stay as pretrained."""
+def _stage_start(spec: FreezeSpec, index: int, num_stages: int) -> int | None:
+    """Epoch from which stage ``index`` (0 = stem) trains; None: never."""
+    from_top = num_stages - 1 - index
     if spec.name == "none":
-        return []
-    return [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return 0
+    if spec.name == "head_only":
+        return None
+    if spec.name == "top_stages":
+        return 0 if from_top < spec.n else None
+    if spec.name == "bottom_stages":
+        return 0 if index < spec.n else None
+    if spec.name == "gradual":
+        return (from_top + 1) * spec.every_n_epochs
+    if spec.name == "lp_ft":
+        return spec.unfreeze_at_epoch
+    raise AssertionError(spec.name)
+
+
+@dataclass
+class FreezePlan:
+    """A :class:`FreezeSpec` applied to one backbone: when each parameter starts training.
+
+    Attributes:
+        spec: the strategy.
+        stages: the backbone's stages.
+        start_epoch: backbone parameter name -> first epoch it trains (None: never).
+        bn_start_epoch: BatchNorm module name -> first epoch its running statistics update.
+    """
+
+    spec: FreezeSpec
+    stages: list[Stage]
+    start_epoch: dict[str, int | None] = field(default_factory=dict)
+    bn_start_epoch: dict[str, int | None] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, backbone: nn.Module, spec: FreezeSpec) -> "FreezePlan":
+        stages = backbone_stages(backbone)
+        start: dict[str, int | None] = {}
+        if spec.name == "patterns":
+            for name, _ in backbone.named_parameters():
+                on = not spec.trainable or any(fnmatch.fnmatchcase(name, p) for p in spec.trainable)
+                off = any(fnmatch.fnmatchcase(name, p) for p in spec.frozen)
+                start[name] = 0 if on and not off else None
+            if not any(v == 0 for v in start.values()) and spec.trainable:
+                raise FineTuneError(f"freeze.trainable patterns {list(spec.trainable)} match no backbone parameter")
+        else:
+            for stage in stages:
+                s = _stage_start(spec, stage.index, len(stages))
+                for name in stage.param_names:
+                    start[name] = s
+        bn_start: dict[str, int | None] = {}
+        for mname, m in backbone.named_modules():
+            if isinstance(m, _BN):
+                own = [f"{mname}.{p}" for p, _ in m.named_parameters(recurse=False)]
+                starts = [start.get(n) for n in own]
+                bn_start[mname] = None if not own or any(s is None for s in starts) else max(starts)  # type: ignore[type-var]
+        return cls(spec, stages, start, bn_start)
+
+    def trains(self, name: str, epoch: int) -> bool:
+        s = self.start_epoch.get(name)
+        return s is not None and epoch >= s
+
+    def group_start_epoch(self, name: str, is_bn_param: bool) -> int | None:
+        """Epoch from which the LR of this parameter's group is non-zero."""
+        if is_bn_param and self.spec.train_bn:
+            return 0
+        return self.start_epoch.get(name)
+
+    def apply(self, backbone: nn.Module, head: nn.Module, epoch: int, gate_requires_grad: bool = True) -> list[nn.Module]:
+        """Set ``requires_grad`` for ``epoch``; return the BatchNorm layers that must stay in eval mode.
+
+        Args:
+            gate_requires_grad: ``False`` under DDP: every parameter that will ever train
+                keeps ``requires_grad=True`` and is gated by its learning rate alone.
+        """
+        for p in head.parameters():
+            p.requires_grad_(True)
+        bn_params = {f"{mn}.{pn}" for mn, m in backbone.named_modules() if isinstance(m, _BN) for pn, _ in m.named_parameters(recurse=False)}
+        for name, p in backbone.named_parameters():
+            if self.spec.train_bn and name in bn_params:
+                p.requires_grad_(True)
+            elif gate_requires_grad:
+                p.requires_grad_(self.trains(name, epoch))
+            else:
+                p.requires_grad_(self.start_epoch.get(name) is not None)
+        frozen = []
+        for mname, m in backbone.named_modules():
+            s = self.bn_start_epoch.get(mname, 0) if isinstance(m, _BN) else 0
+            if isinstance(m, _BN) and (s is None or epoch < s):
+                frozen.append(m)
+        return frozen
+
+    def trainable_count(self, backbone: nn.Module, head: nn.Module, epoch: int) -> int:
+        """Parameters that train at ``epoch`` (head included)."""
+        bn_params = {f"{mn}.{pn}" for mn, m in backbone.named_modules() if isinstance(m, _BN) for pn, _ in m.named_parameters(recurse=False)}
+        n = sum(p.numel() for p in head.parameters())
+        for name, p in backbone.named_parameters():
+            if self.trains(name, epoch) or (self.spec.train_bn and name in bn_params):
+                n += p.numel()
+        return n
 
 
 def set_frozen_norms_eval(norms: list[nn.Module]) -> None:

@@ -6,7 +6,6 @@ import contextvars
 import math
 import os
 import warnings
-from dataclasses import asdict
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -16,7 +15,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import create_backbone
-from finetune.freezing import FreezeSpec, apply_freeze, frozen_norms, set_frozen_norms_eval
+from finetune.errors import FineTuneError
+from finetune.freezing import FreezePlan, FreezeSpec, set_frozen_norms_eval
+from finetune.heads import build_head, head_kwargs
 from finetune.optim import build_scheduler, param_groups
 
 __all__ = ["FineTuneModule"]
@@ -35,7 +36,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, DictConfig):
         return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, FreezeSpec):
-        return asdict(value)
+        return value.to_dict()
     return value
 
 
@@ -49,10 +50,13 @@ class FineTuneModule(pl.LightningModule):
         num_classes: classes of the new head.
         pretrained: start from pretrained weights (see :mod:`finetune.backbones`).
         weights: explicit pretrained weights file.
-        freeze: strategy name (``none``, ``head_only``), a :class:`FreezeSpec`, or a mapping.
+        freeze: strategy name (see :class:`FreezeSpec`), a :class:`FreezeSpec`, or a mapping.
+        head: ``linear``, ``mlp``, or a mapping of :func:`finetune.heads.build_head` arguments.
         lr: learning rate of the head.
         backbone_lr_mult: the backbone's LR is ``lr * backbone_lr_mult``: pretrained
             weights need much smaller steps than the freshly initialized head.
+        layer_decay: optional layer-wise decay: stage ``i`` of ``S`` gets a further
+            ``layer_decay ** (S - 1 - i)``, so layers nearer the input move least.
         weight_decay: AdamW weight decay (not applied to norms and biases).
         sched: ``cosine``, ``linear`` or ``constant``, after linear warmup.
         warmup_epochs: epochs of linear warmup (fractions allowed).
@@ -68,8 +72,10 @@ class FineTuneModule(pl.LightningModule):
         pretrained: bool = True,
         weights: str | None = None,
         freeze: str | FreezeSpec | Mapping[str, Any] = "none",
-        lr: float = 1e-3,
-        backbone_lr_mult: float = 0.1,
+        head: str | Mapping[str, Any] = "linear",
+        lr: float = 3e-3,
+        backbone_lr_mult: float = 0.3,
+        layer_decay: float | None = None,
         weight_decay: float = 0.01,
         sched: str = "cosine",
         warmup_epochs: float = 0.0,
@@ -79,8 +85,11 @@ class FineTuneModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         spec = FreezeSpec.parse(_plain(freeze))
+        head_cfg = {"name": head} if isinstance(head, str) else head_kwargs(_plain(head))
+        head_cfg.setdefault("drop_rate", drop_rate)
         self.save_hyperparameters()
-        self.hparams["freeze"] = asdict(spec)
+        self.hparams["freeze"] = spec.to_dict()
+        self.hparams["head"] = head_cfg
         if class_names is not None:
             self.hparams["class_names"] = list(class_names)
         if weights is not None:
@@ -91,12 +100,14 @@ class FineTuneModule(pl.LightningModule):
         model = built.model
         model.reset_classifier(0)
         self.backbone = model
-        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(model.num_features, num_classes))
+        self.head = build_head(model.num_features, num_classes, **head_cfg)
         self.freeze_spec = spec
-        apply_freeze(self.backbone, self.head, spec)
+        self.freeze_plan = FreezePlan.build(self.backbone, spec)
+        # False under DDP with a schedule that unfreezes: see finetune.freezing.
+        self._gate_requires_grad = True
         # A plain list, so these modules are not registered twice.
-        self._frozen_norms: list[nn.Module] = frozen_norms(self.backbone, spec)
-        set_frozen_norms_eval(self._frozen_norms)
+        self._frozen_norms: list[nn.Module] = []
+        self.apply_freeze(0)
 
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -125,6 +136,24 @@ class FineTuneModule(pl.LightningModule):
         if mode:
             set_frozen_norms_eval(self._frozen_norms)
         return self
+
+    def apply_freeze(self, epoch: int) -> None:
+        """Make the trainable set and BatchNorm modes those of ``epoch`` under the freeze strategy."""
+        self._frozen_norms = self.freeze_plan.apply(self.backbone, self.head, epoch, self._gate_requires_grad)
+        self.train(self.training)
+
+    def setup(self, stage: str) -> None:
+        # Runs before the strategy wraps the model (DDP registers trainable parameters then).
+        if stage == "fit" and self.trainer.world_size > 1 and self.freeze_spec.is_dynamic:
+            self._gate_requires_grad = False
+            self.apply_freeze(0)
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_freeze(self.current_epoch)
+
+    def trainable_params_at(self, epoch: int) -> int:
+        """Parameters the strategy trains at ``epoch`` (head included)."""
+        return self.freeze_plan.trainable_count(self.backbone, self.head, epoch)
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -174,13 +203,14 @@ class FineTuneModule(pl.LightningModule):
     # -- optimization ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = param_groups(self.backbone, self.head, hp.lr, hp.backbone_lr_mult, hp.weight_decay)
+        groups = param_groups(
+            self.backbone, self.head, self.freeze_plan, hp.lr, hp.backbone_lr_mult, hp.weight_decay, hp.layer_decay
+        )
         optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            total, warmup = 1, 0
-        else:
-            epochs = max(1, self.trainer.max_epochs or 1)
-            warmup = int(round(hp.warmup_epochs * total / epochs))
-        scheduler = build_scheduler(optimizer, hp.sched, int(total), warmup)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        if not math.isfinite(total) or epochs is None:
+            raise FineTuneError("the LR schedule needs a finite trainer.max_epochs")
+        steps_per_epoch = max(1, int(round(total / epochs)))
+        scheduler = build_scheduler(optimizer, hp.sched, int(total), steps_per_epoch, hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

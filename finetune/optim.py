@@ -1,24 +1,31 @@
 """Parameter groups and learning-rate schedules.
 
-Every parameter is in the optimizer from the first step, frozen or not: AdamW
-skips parameters without gradients, so frozen ones cost nothing, and a strategy
-that unfreezes later never adds a group the scheduler or a resumed checkpoint
-does not know (Lightning #8720, #6891; PyTorch #79888).
+Groups: the head at ``lr``; each backbone stage at ``lr * backbone_lr_mult *
+layer_decay ** (distance from the top stage)``; norms, biases and other 1-d tensors
+without weight decay. Every parameter is in the optimizer from the first step; a group
+whose parameters are still frozen has a learning-rate multiplier of 0 until its unfreeze
+epoch, then its own warmup and ``sched`` over the remaining steps (see
+:mod:`finetune.freezing` for why). The multipliers are a pure function of the step,
+so a resumed run recomputes them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.errors import FineTuneError
+from finetune.freezing import FreezePlan
 
-__all__ = ["SCHEDULES", "lr_lambda", "param_groups"]
+__all__ = ["SCHEDULES", "build_scheduler", "lr_lambda", "param_groups"]
 
 SCHEDULES = ("cosine", "constant", "linear")
+
+_BN = nn.modules.batchnorm._BatchNorm
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
@@ -29,35 +36,58 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
 def param_groups(
     backbone: nn.Module,
     head: nn.Module,
+    plan: FreezePlan,
     lr: float,
     backbone_lr_mult: float,
     weight_decay: float,
+    layer_decay: float | None = None,
 ) -> list[dict]:
-    """Head at ``lr``, backbone at ``lr * backbone_lr_mult``; no weight decay on norms and biases."""
-    groups: list[dict] = []
-    for part, module, part_lr in (("head", head, lr), ("backbone", backbone, lr * backbone_lr_mult)):
-        decay, no_decay = [], []
-        for n, p in module.named_parameters():
-            (no_decay if _no_decay(n, p) else decay).append(p)
-        for suffix, params, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
-            if params:
-                groups.append({"name": part + suffix, "params": params, "lr": part_lr, "weight_decay": wd})
-    return groups
+    """Optimizer groups, each with ``name``, ``lr``, ``weight_decay`` and ``start_epoch`` (None: never trains)."""
+    bn_params = {
+        f"{mn}.{pn}" for mn, m in backbone.named_modules() if isinstance(m, _BN) for pn, _ in m.named_parameters(recurse=False)
+    }
+    groups: dict[tuple, dict] = {}
+
+    def add(key: tuple, name: str, p: nn.Parameter, lr_: float, wd: float, start: int | None) -> None:
+        g = groups.setdefault(key, {"name": name, "params": [], "lr": lr_, "weight_decay": wd, "start_epoch": start})
+        g["params"].append(p)
+
+    for n, p in head.named_parameters():
+        nd = _no_decay(n, p)
+        add(("head", nd), "head" + ("_no_decay" if nd else ""), p, lr, 0.0 if nd else weight_decay, 0)
+
+    num = len(plan.stages)
+    stage_of = {name: s.index for s in plan.stages for name in s.param_names}
+    for n, p in backbone.named_parameters():
+        i = stage_of[n]
+        scale = backbone_lr_mult * (layer_decay ** (num - 1 - i) if layer_decay else 1.0)
+        nd = _no_decay(n, p)
+        start = plan.group_start_epoch(n, n in bn_params)
+        suffix = ("_no_decay" if nd else "") + (f"_from{start}" if start not in (0, None) else "")
+        suffix += "_frozen" if start is None else ""
+        key = ("stage", i, nd, start)
+        add(key, f"stage{i}{suffix}", p, lr * scale, 0.0 if nd else weight_decay, start)
+    return list(groups.values())
 
 
-def lr_lambda(sched: str, total_steps: int, warmup_steps: int):
-    """Multiplier of each group's base LR at a step: linear warmup, then ``sched``."""
+def lr_lambda(sched: str, total_steps: int, warmup_steps: int, start_step: int | None = 0) -> Callable[[int], float]:
+    """LR multiplier at a step: 0 before ``start_step``, then linear warmup, then ``sched`` to the end."""
     if sched not in SCHEDULES:
         raise FineTuneError(f"unknown optim.sched '{sched}'; choose one of {', '.join(SCHEDULES)}")
-    total_steps = max(1, total_steps)
-    warmup_steps = min(max(0, warmup_steps), total_steps - 1) if total_steps > 1 else 0
+    if start_step is None:
+        return lambda step: 0.0
+    span = max(1, total_steps - start_step)
+    warmup = min(max(0, warmup_steps), span - 1) if span > 1 else 0
 
     def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
+        s = step - start_step
+        if s < 0:
+            return 0.0
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
         if sched == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (s - warmup) / max(1, span - warmup))
         if sched == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -65,6 +95,13 @@ def lr_lambda(sched: str, total_steps: int, warmup_steps: int):
     return f
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, sched: str, total_steps: int, warmup_steps: int) -> LambdaLR:
-    """A per-step LambdaLR: one multiplier for every group, so relative LRs are kept."""
-    return LambdaLR(optimizer, lr_lambda(sched, total_steps, warmup_steps))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, sched: str, total_steps: int, steps_per_epoch: int, warmup_epochs: float
+) -> LambdaLR:
+    """A per-step LambdaLR with one multiplier per group, each from its group's ``start_epoch``."""
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    lambdas = []
+    for g in optimizer.param_groups:
+        start = g.get("start_epoch", 0)
+        lambdas.append(lr_lambda(sched, total_steps, warmup, None if start is None else start * steps_per_epoch))
+    return LambdaLR(optimizer, lambdas)

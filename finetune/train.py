@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from finetune.data import ImageDataModule
 from finetune.errors import FineTuneError
+from finetune.heads import head_kwargs
 from finetune.module import FineTuneModule
 from finetune.report import print_summary
 
@@ -36,8 +37,6 @@ def build_datamodule(cfg: DictConfig) -> ImageDataModule:
 def build_module(cfg: DictConfig, num_classes: int, class_names: list[str] | None = None) -> FineTuneModule:
     """The FineTuneModule of ``cfg.backbone``, ``cfg.freeze``, ``cfg.head`` and ``cfg.optim``."""
     b, h, o = cfg.backbone, cfg.head, cfg.optim
-    if h.name != "linear":
-        raise FineTuneError(f"unknown head '{h.name}'; choose linear")
     if o.name != "adamw":
         raise FineTuneError(f"unknown optimizer '{o.name}'; choose adamw")
     return FineTuneModule(
@@ -46,13 +45,14 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str] | Non
         pretrained=b.pretrained,
         weights=b.weights,
         freeze=OmegaConf.to_container(cfg.freeze, resolve=True),  # type: ignore[arg-type]
+        head=head_kwargs(h),
         lr=o.lr,
         backbone_lr_mult=o.backbone_lr_mult,
+        layer_decay=o.get("layer_decay"),
         weight_decay=o.weight_decay,
         sched=o.sched,
         warmup_epochs=o.warmup_epochs,
-        drop_rate=h.drop_rate,
-        label_smoothing=h.label_smoothing,
+        label_smoothing=h.get("label_smoothing", 0.0),
         class_names=class_names,
     )
 
@@ -137,7 +137,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "split_sizes": {k: len(v) for k, v in dm.data.splits.items()},
         "epochs": trainer.current_epoch,
         "train_time_s": round(train_time, 2),
-        "trainable_params": model.trainable_params(),
+        # What the strategy trained in the last epoch (gradual/lp_ft start from fewer).
+        "trainable_params": model.trainable_params_at(max(0, trainer.current_epoch - 1)),
+        "trainable_params_first_epoch": model.trainable_params_at(0),
         "total_params": model.total_params(),
         "best_checkpoint": checkpoint.best_model_path or None,
     }
