@@ -62,6 +62,8 @@ class FineTuneModule(pl.LightningModule):
         warmup_epochs: epochs of linear warmup (fractions allowed).
         drop_rate: dropout before the classifier.
         label_smoothing: cross-entropy label smoothing.
+        channels_last: keep weights and inputs in channels-last memory format (timm's
+            ``--channels-last``): faster convolutions on recent CPUs and GPUs.
         class_names: names of the classes, saved with the checkpoint.
     """
 
@@ -82,6 +84,7 @@ class FineTuneModule(pl.LightningModule):
         drop_rate: float = 0.0,
         label_smoothing: float = 0.0,
         class_names: Sequence[str] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         spec = FreezeSpec.parse(_plain(freeze))
@@ -108,6 +111,9 @@ class FineTuneModule(pl.LightningModule):
         # A plain list, so these modules are not registered twice.
         self._frozen_norms: list[nn.Module] = []
         self.apply_freeze(0)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -129,6 +135,8 @@ class FineTuneModule(pl.LightningModule):
 
     # -- model -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))
 
     def train(self, mode: bool = True) -> "FineTuneModule":

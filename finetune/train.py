@@ -54,6 +54,7 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str] | Non
         warmup_epochs=o.warmup_epochs,
         label_smoothing=h.get("label_smoothing", 0.0),
         class_names=class_names,
+        channels_last=b.get("channels_last", False),
     )
 
 

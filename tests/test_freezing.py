@@ -193,7 +193,7 @@ def test_stages_command(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "finetune.stages", "backbone.name=test_efficientnet", "freeze.n=1"],
+    r = subprocess.run([sys.executable, "-m", "finetune.stages", "backbone.name=test_efficientnet", "freeze=top_stages", "freeze.n=1"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "stem" in r.stdout and "top_stages n=1" in r.stdout and "from epoch 1" in r.stdout

@@ -1,0 +1,125 @@
+"""Cost follows the freeze: training images/s and peak memory of freeze strategies, side by side.
+
+    python benchmarks/freeze_cost.py [--backbone tf_efficientnet_lite0] [--image-size 224] [--batch-size 16]
+
+Each strategy runs in its own fresh process (so peak memory is its own), one after the
+other in this one invocation, on the same random batch, with the same optimizer setup as
+FineTuneModule. Prints a table and the ratios against ``none`` and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+from pathlib import Path
+
+STRATEGIES = {
+    "head_only": {"name": "head_only"},
+    "top_stages(n=2)": {"name": "top_stages", "n": 2},
+    "none": {"name": "none"},
+}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _measure(args: argparse.Namespace, freeze: dict, queue: mp.Queue) -> None:
+    import torch
+
+    from finetune import FineTuneModule
+    from finetune.optim import param_groups
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = FineTuneModule(args.backbone, num_classes=10, pretrained=True, freeze=freeze,
+                       channels_last=args.channels_last).to(device)
+    m.train()
+    opt = torch.optim.AdamW(param_groups(m.backbone, m.head, m.freeze_plan, 1e-3, 0.1, 0.01))
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+
+    def step() -> None:
+        loss = m.criterion(m(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    base_rss = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    queue.put(
+        {
+            "images_per_s": args.steps * args.batch_size / elapsed,
+            "peak_memory_mib": peak,
+            "rss_before_timing_mib": base_rss,
+            "trainable_params": m.trainable_params(),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+        }
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "freeze_cost.json"))
+    args = p.parse_args()
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for label, freeze in STRATEGIES.items():
+        q: mp.Queue = ctx.Queue()
+        proc = ctx.Process(target=_measure, args=(args, freeze, q))
+        proc.start()
+        results[label] = q.get()
+        proc.join()
+
+    ref = results["none"]
+    print(f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {args.steps} timed steps, "
+          f"device {ref['device']} ({ref['threads']} threads), {platform.processor() or platform.machine()}, "
+          f"channels_last={args.channels_last}, pretrained weights")
+    mem_label = "peak GPU MiB" if ref["device"].startswith("cuda") else "peak RSS MiB"
+    print(f"{'strategy':<16} {'trainable':>12} {'images/s':>10} {'x none':>8} {mem_label:>14} {'x none':>8}")
+    for label, r in results.items():
+        r["speed_vs_none"] = r["images_per_s"] / ref["images_per_s"]
+        r["memory_vs_none"] = r["peak_memory_mib"] / ref["peak_memory_mib"]
+        print(f"{label:<16} {r['trainable_params']:>12,} {r['images_per_s']:>10.1f} {r['speed_vs_none']:>8.2f} "
+              f"{r['peak_memory_mib']:>14.0f} {r['memory_vs_none']:>8.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
