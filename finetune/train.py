@@ -65,6 +65,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, ModelChec
         filename="best",
         monitor="val/acc",
         mode="max",
+        save_last=True,
         auto_insert_metric_name=False,
     )
     kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
@@ -126,7 +127,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if rows:
         _write_epochs_csv(rows, run_dir / "epochs.csv")
 
-    ckpt = "best" if checkpoint.best_model_path else None
+    if cfg.get("evaluate", "last") not in ("last", "best"):
+        raise FineTuneError(f"evaluate must be 'last' or 'best', got '{cfg.evaluate}'")
+    # None: the weights in memory, i.e. those after the last epoch.
+    ckpt = "best" if cfg.get("evaluate", "last") == "best" and checkpoint.best_model_path else None
     metrics: dict[str, Any] = {
         "recipe": cfg.get("recipe"),
         "backbone": cfg.backbone.name,
@@ -143,6 +147,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "trainable_params_first_epoch": model.trainable_params_at(0),
         "total_params": model.total_params(),
         "best_checkpoint": checkpoint.best_model_path or None,
+        "evaluated": "best" if ckpt else "last",
     }
     for stage, run in (("val", trainer.validate), ("test", trainer.test)):
         if stage == "test" and not dm.has_test:

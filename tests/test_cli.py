@@ -53,7 +53,8 @@ def test_cli_run_on_a_folder_leaves_a_complete_run_dir(tmp_path: Path, make_fold
     assert (out / "config.yaml").exists() and (out / ".hydra" / "config.yaml").exists()
     rows = list(csv.DictReader((out / "epochs.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1"] and all(r["val/acc"] for r in rows)
-    assert (out / "checkpoints" / "best.ckpt").exists()
+    assert (out / "checkpoints" / "best.ckpt").exists() and (out / "checkpoints" / "last.ckpt").exists()
+    assert m["evaluated"] == "last"
 
 
 @pytest.mark.parametrize(
