@@ -32,11 +32,18 @@ from torch import nn
 from finetune.errors import FineTuneError
 from finetune.stage_groups import Stage, backbone_stages
 
-__all__ = ["FREEZE_STRATEGIES", "FreezePlan", "FreezeSpec", "set_frozen_norms_eval"]
+__all__ = ["FREEZE_STRATEGIES", "FreezePlan", "FreezeSpec", "bn_param_names", "set_frozen_norms_eval"]
 
 FREEZE_STRATEGIES = ("none", "head_only", "top_stages", "bottom_stages", "gradual", "lp_ft", "patterns")
 
 _BN = nn.modules.batchnorm._BatchNorm
+
+
+def bn_param_names(backbone: nn.Module) -> set[str]:
+    """Names of the affine parameters of every BatchNorm layer (what ``train_bn`` unfreezes)."""
+    return {
+        f"{mn}.{pn}" for mn, m in backbone.named_modules() if isinstance(m, _BN) for pn, _ in m.named_parameters(recurse=False)
+    }
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ class FreezePlan:
         """
         for p in head.parameters():
             p.requires_grad_(True)
-        bn_params = {f"{mn}.{pn}" for mn, m in backbone.named_modules() if isinstance(m, _BN) for pn, _ in m.named_parameters(recurse=False)}
+        bn_params = bn_param_names(backbone)
         for name, p in backbone.named_parameters():
             if self.spec.train_bn and name in bn_params:
                 p.requires_grad_(True)
@@ -206,7 +213,7 @@ class FreezePlan:
 
     def trainable_count(self, backbone: nn.Module, head: nn.Module, epoch: int) -> int:
         """Parameters that train at ``epoch`` (head included)."""
-        bn_params = {f"{mn}.{pn}" for mn, m in backbone.named_modules() if isinstance(m, _BN) for pn, _ in m.named_parameters(recurse=False)}
+        bn_params = bn_param_names(backbone)
         n = sum(p.numel() for p in head.parameters())
         for name, p in backbone.named_parameters():
             if self.trains(name, epoch) or (self.spec.train_bn and name in bn_params):

@@ -19,13 +19,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.errors import FineTuneError
-from finetune.freezing import FreezePlan
+from finetune.freezing import FreezePlan, bn_param_names
 
 __all__ = ["SCHEDULES", "build_scheduler", "lr_lambda", "param_groups"]
 
 SCHEDULES = ("cosine", "constant", "linear")
-
-_BN = nn.modules.batchnorm._BatchNorm
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
@@ -43,9 +41,7 @@ def param_groups(
     layer_decay: float | None = None,
 ) -> list[dict]:
     """Optimizer groups, each with ``name``, ``lr``, ``weight_decay`` and ``start_epoch`` (None: never trains)."""
-    bn_params = {
-        f"{mn}.{pn}" for mn, m in backbone.named_modules() if isinstance(m, _BN) for pn, _ in m.named_parameters(recurse=False)
-    }
+    bn_params = bn_param_names(backbone)
     groups: dict[tuple, dict] = {}
 
     def add(key: tuple, name: str, p: nn.Parameter, lr_: float, wd: float, start: int | None) -> None:
