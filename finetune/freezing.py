@@ -146,12 +146,14 @@ class FreezePlan:
         stages: the backbone's stages.
         start_epoch: backbone parameter name -> first epoch it trains (None: never).
         bn_start_epoch: BatchNorm module name -> first epoch its running statistics update.
+        bn_params: names of BatchNorm affine parameters (they train throughout with ``train_bn``).
     """
 
     spec: FreezeSpec
     stages: list[Stage]
     start_epoch: dict[str, int | None] = field(default_factory=dict)
     bn_start_epoch: dict[str, int | None] = field(default_factory=dict)
+    bn_params: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, backbone: nn.Module, spec: FreezeSpec) -> "FreezePlan":
@@ -175,17 +177,17 @@ class FreezePlan:
                 own = [f"{mname}.{p}" for p, _ in m.named_parameters(recurse=False)]
                 starts = [start.get(n) for n in own]
                 bn_start[mname] = None if not own or any(s is None for s in starts) else max(starts)  # type: ignore[type-var]
-        return cls(spec, stages, start, bn_start)
+        return cls(spec, stages, start, bn_start, frozenset(bn_param_names(backbone)))
 
-    def trains(self, name: str, epoch: int) -> bool:
-        s = self.start_epoch.get(name)
-        return s is not None and epoch >= s
-
-    def group_start_epoch(self, name: str, is_bn_param: bool) -> int | None:
-        """Epoch from which the LR of this parameter's group is non-zero."""
-        if is_bn_param and self.spec.train_bn:
+    def group_start_epoch(self, name: str) -> int | None:
+        """Epoch from which parameter ``name`` trains (and its group's LR is non-zero); None: never."""
+        if self.spec.train_bn and name in self.bn_params:
             return 0
         return self.start_epoch.get(name)
+
+    def trains(self, name: str, epoch: int) -> bool:
+        s = self.group_start_epoch(name)
+        return s is not None and epoch >= s
 
     def apply(self, backbone: nn.Module, head: nn.Module, epoch: int, gate_requires_grad: bool = True) -> list[nn.Module]:
         """Set ``requires_grad`` for ``epoch``; return the BatchNorm layers that must stay in eval mode.
@@ -196,29 +198,22 @@ class FreezePlan:
         """
         for p in head.parameters():
             p.requires_grad_(True)
-        bn_params = bn_param_names(backbone)
         for name, p in backbone.named_parameters():
-            if self.spec.train_bn and name in bn_params:
-                p.requires_grad_(True)
-            elif gate_requires_grad:
+            if gate_requires_grad:
                 p.requires_grad_(self.trains(name, epoch))
             else:
-                p.requires_grad_(self.start_epoch.get(name) is not None)
+                p.requires_grad_(self.group_start_epoch(name) is not None)
         frozen = []
         for mname, m in backbone.named_modules():
-            s = self.bn_start_epoch.get(mname, 0) if isinstance(m, _BN) else 0
+            s = self.bn_start_epoch.get(mname)
             if isinstance(m, _BN) and (s is None or epoch < s):
                 frozen.append(m)
         return frozen
 
     def trainable_count(self, backbone: nn.Module, head: nn.Module, epoch: int) -> int:
         """Parameters that train at ``epoch`` (head included)."""
-        bn_params = bn_param_names(backbone)
         n = sum(p.numel() for p in head.parameters())
-        for name, p in backbone.named_parameters():
-            if self.trains(name, epoch) or (self.spec.train_bn and name in bn_params):
-                n += p.numel()
-        return n
+        return n + sum(p.numel() for name, p in backbone.named_parameters() if self.trains(name, epoch))
 
 
 def set_frozen_norms_eval(norms: list[nn.Module]) -> None:

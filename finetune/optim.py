@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.errors import FineTuneError
-from finetune.freezing import FreezePlan, bn_param_names
+from finetune.freezing import FreezePlan
 
 __all__ = ["SCHEDULES", "build_scheduler", "lr_lambda", "param_groups"]
 
@@ -41,7 +41,6 @@ def param_groups(
     layer_decay: float | None = None,
 ) -> list[dict]:
     """Optimizer groups, each with ``name``, ``lr``, ``weight_decay`` and ``start_epoch`` (None: never trains)."""
-    bn_params = bn_param_names(backbone)
     groups: dict[tuple, dict] = {}
 
     def add(key: tuple, name: str, p: nn.Parameter, lr_: float, wd: float, start: int | None) -> None:
@@ -58,7 +57,7 @@ def param_groups(
         i = stage_of[n]
         scale = backbone_lr_mult * (layer_decay ** (num - 1 - i) if layer_decay else 1.0)
         nd = _no_decay(n, p)
-        start = plan.group_start_epoch(n, n in bn_params)
+        start = plan.group_start_epoch(n)
         suffix = ("_no_decay" if nd else "") + (f"_from{start}" if start not in (0, None) else "")
         suffix += "_frozen" if start is None else ""
         key = ("stage", i, nd, start)

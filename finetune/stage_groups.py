@@ -29,8 +29,6 @@ def _label(names: list[str]) -> str:
     for n in names:
         parts = n.split(".")
         root = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
-        if len(parts) == 1:
-            root = parts[0]
         if root not in roots:
             roots.append(root)
     return "+".join(roots) if len(roots) <= 3 else f"{roots[0]}..{roots[-1]}"
@@ -53,4 +51,3 @@ def backbone_stages(backbone: nn.Module) -> list[Stage]:
         last = stages[-1]
         stages[-1] = Stage(last.index, last.label, last.param_names + tuple(missing))
     return stages
-

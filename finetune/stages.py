@@ -23,15 +23,15 @@ def describe(backbone_name: str, freeze_overrides: dict | None = None, epochs: i
     check_backbone_name(backbone_name)
     model = timm.create_model(backbone_name, pretrained=False, num_classes=0)
     stages = backbone_stages(model)
-    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(sizes.values())
-    o = {k: v for k, v in (freeze_overrides or {}).items() if k in ("n", "every_n_epochs", "unfreeze_at_epoch")}
-    n = int(o.get("n", 2))
+    o = freeze_overrides or {}
+    n, every, at = int(o.get("n", 2)), int(o.get("every_n_epochs", 1)), int(o.get("unfreeze_at_epoch", 2))
     specs = {
         f"top_stages n={n}": FreezeSpec("top_stages", n=n),
         f"bottom_stages n={n}": FreezeSpec("bottom_stages", n=n),
-        f"gradual every={int(o.get('every_n_epochs', 1))}": FreezeSpec("gradual", every_n_epochs=int(o.get("every_n_epochs", 1))),
-        f"lp_ft at={int(o.get('unfreeze_at_epoch', 2))}": FreezeSpec("lp_ft", unfreeze_at_epoch=int(o.get("unfreeze_at_epoch", 2))),
+        f"gradual every={every}": FreezeSpec("gradual", every_n_epochs=every),
+        f"lp_ft at={at}": FreezeSpec("lp_ft", unfreeze_at_epoch=at),
     }
     plans = {k: FreezePlan.build(model, s) for k, s in specs.items()}
     lines = [f"{backbone_name}: {len(stages)} stages, {total:,} backbone parameters (head not included)", ""]

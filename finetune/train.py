@@ -110,6 +110,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     Returns:
         The metrics written to ``metrics.json``.
     """
+    evaluate = cfg.get("evaluate", "last")
+    if evaluate not in ("last", "best"):  # checked before training, not after it
+        raise FineTuneError(f"evaluate must be 'last' or 'best', got '{evaluate}'")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -127,10 +130,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if rows:
         _write_epochs_csv(rows, run_dir / "epochs.csv")
 
-    if cfg.get("evaluate", "last") not in ("last", "best"):
-        raise FineTuneError(f"evaluate must be 'last' or 'best', got '{cfg.evaluate}'")
     # None: the weights in memory, i.e. those after the last epoch.
-    ckpt = "best" if cfg.get("evaluate", "last") == "best" and checkpoint.best_model_path else None
+    ckpt = "best" if evaluate == "best" and checkpoint.best_model_path else None
     metrics: dict[str, Any] = {
         "recipe": cfg.get("recipe"),
         "backbone": cfg.backbone.name,
