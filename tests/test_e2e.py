@@ -27,11 +27,12 @@ def test_main_job_reaches_97_percent_on_digits(tmp_path: Path) -> None:
 
 
 def test_python_api_with_a_plain_lightning_trainer(tmp_path: Path) -> None:
-    """The README's Python example: a linear probe on pretrained features learns digits in one epoch."""
+    """The README's Python example: a linear probe on pretrained features learns digits in a few epochs."""
     dm = ImageDataModule("digits", backbone="tf_efficientnet_lite0", image_size=64, hflip=0.0, scale=(0.7, 1.0))
     model = FineTuneModule("tf_efficientnet_lite0", num_classes=dm.num_classes, pretrained=True,
                            freeze="head_only", lr=1e-2)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path,
+    # One epoch measured 0.64-0.69 test accuracy (flaky against 0.7); three measured 0.80.
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", default_root_dir=tmp_path,
                          enable_progress_bar=False, logger=False)
     trainer.fit(model, dm)
     result = trainer.test(model, dm, verbose=False)[0]
