@@ -48,6 +48,8 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     register_recipes()
+    if GlobalHydra.instance().is_initialized():  # inside the CLI (+recipe=auto): use the app's own search path
+        return hydra_compose(config_name="config", overrides=list(overrides))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

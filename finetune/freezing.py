@@ -189,8 +189,21 @@ class FreezePlan:
         s = self.group_start_epoch(name)
         return s is not None and epoch >= s
 
+    def backbone_frozen_at(self, epoch: int) -> bool:
+        """Whether no backbone parameter trains at ``epoch`` (the backbone is a fixed feature extractor)."""
+        return not any(self.trains(name, epoch) for name in self.start_epoch)
+
+    @property
+    def backbone_frozen_throughout(self) -> bool:
+        """Whether no backbone parameter ever trains, so its features can be computed once."""
+        return all(self.group_start_epoch(name) is None for name in self.start_epoch)
+
     def apply(self, backbone: nn.Module, head: nn.Module, epoch: int, gate_requires_grad: bool = True) -> list[nn.Module]:
-        """Set ``requires_grad`` for ``epoch``; return the BatchNorm layers that must stay in eval mode.
+        """Set ``requires_grad`` for ``epoch``; return the modules that must stay in eval mode.
+
+        Those are the frozen BatchNorm layers, or the whole backbone when none of it trains:
+        a fixed feature extractor gives the same features every epoch (no dropout, no
+        stochastic depth), which is also what makes caching them exact.
 
         Args:
             gate_requires_grad: ``False`` under DDP: every parameter that will ever train
@@ -203,6 +216,8 @@ class FreezePlan:
                 p.requires_grad_(self.trains(name, epoch))
             else:
                 p.requires_grad_(self.group_start_epoch(name) is not None)
+        if self.backbone_frozen_at(epoch):
+            return [backbone]
         frozen = []
         for mname, m in backbone.named_modules():
             s = self.bn_start_epoch.get(mname)
@@ -217,6 +232,6 @@ class FreezePlan:
 
 
 def set_frozen_norms_eval(norms: list[nn.Module]) -> None:
-    """Put frozen BatchNorm layers back in eval mode (normalize with running stats)."""
+    """Put frozen BatchNorm layers (or a frozen backbone) back in eval mode (normalize with running stats)."""
     for m in norms:
         m.eval()

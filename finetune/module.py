@@ -135,6 +135,13 @@ class FineTuneModule(pl.LightningModule):
 
     # -- model -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of images ``(B, C, H, W)``, or of backbone features ``(B, num_features)``.
+
+        Features are what :class:`finetune.features.FeatureDataModule` feeds when the
+        backbone is frozen throughout and its outputs were computed once.
+        """
+        if x.ndim == 2:
+            return self.head(x)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import csv
 import json
+import resource
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from finetune.data import ImageDataModule
 from finetune.errors import FineTuneError
+from finetune.features import FeatureDataModule, resolve_cache_features
 from finetune.heads import head_kwargs
 from finetune.module import FineTuneModule
 from finetune.report import print_summary
@@ -29,7 +33,9 @@ def build_datamodule(cfg: DictConfig) -> ImageDataModule:
     """The DataModule of ``cfg.data``, preprocessed for ``cfg.backbone.name``."""
     kwargs = OmegaConf.to_container(cfg.data, resolve=True)
     try:
-        return ImageDataModule(backbone=cfg.backbone.name, seed=cfg.seed, **kwargs)  # type: ignore[arg-type]
+        return ImageDataModule(
+            backbone=cfg.backbone.name, seed=cfg.seed, augment=cfg.get("augment"), **kwargs  # type: ignore[arg-type]
+        )
     except TypeError as e:
         raise FineTuneError(f"bad data config: {e}") from None
 
@@ -104,8 +110,49 @@ def _write_epochs_csv(rows: list[dict[str, str]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def _reset_peak_memory() -> None:
+    # A sweep runs its jobs in one process: without a reset, each run reports the largest run before it.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS that getrusage reports
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_mb(trainer: pl.Trainer) -> dict[str, float]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_memory_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if trainer.strategy.root_device.type == "cuda":
+        out["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _follow_advice(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] | None) -> tuple[DictConfig, dict]:
+    """For ``+recipe=auto``: measure the data, write ``advice.json``, and compose the chosen recipe."""
+    from finetune.advise import advise_or_fallback, recipe_overrides
+    from finetune.config import compose
+
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise FineTuneError("+recipe=auto from Python needs train(cfg, run_dir, overrides=<the compose overrides>)")
+        overrides = list(HydraConfig.get().overrides.task)
+    advice = advise_or_fallback(cfg)
+    (run_dir / "advice.json").write_text(json.dumps(advice, indent=2) + "\n")
+    print(f"advice: {advice['recipe']}: {advice['reason']}", flush=True)
+    return compose(recipe_overrides(overrides, advice["recipe"])), advice
+
+
+def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None = None) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says; write config, logs, checkpoint and ``metrics.json`` to ``run_dir``.
+
+    Args:
+        cfg: the composed config.
+        run_dir: where the run's files go.
+        overrides: the overrides ``cfg`` was composed with; ``+recipe=auto`` recomposes them with
+            the recipe it picks (read from Hydra in the CLI).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -115,16 +162,24 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise FineTuneError(f"evaluate must be 'last' or 'best', got '{evaluate}'")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    advice = None
+    if cfg.get("recipe") == "auto":
+        cfg, advice = _follow_advice(cfg, run_dir, overrides)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg)
     model = build_module(cfg, dm.num_classes, dm.classes)
     trainer, checkpoint = build_trainer(cfg, run_dir)
+    cached = resolve_cache_features(cfg.get("cache_features", "auto"), model, dm)
+    fit_dm = FeatureDataModule(dm, model) if cached else dm
 
+    _reset_peak_memory()
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
+    trainer.fit(model, datamodule=fit_dm)
     train_time = time.perf_counter() - start
+    images_per_epoch = min(len(dm.data.splits["train"]),
+                           trainer.num_training_batches * fit_dm.batch_size * trainer.world_size)
     # Read now: validate/test below append rows for an epoch that did not train.
     rows = _epoch_rows(run_dir / "logs" / "metrics.csv")
     if rows:
@@ -133,7 +188,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # None: the weights in memory, i.e. those after the last epoch.
     ckpt = "best" if evaluate == "best" and checkpoint.best_model_path else None
     metrics: dict[str, Any] = {
-        "recipe": cfg.get("recipe"),
+        "status": "ok",
+        "recipe": "auto" if advice else cfg.get("recipe"),
+        **({"advised_recipe": advice["recipe"], "advice": advice["reason"]} if advice else {}),
         "backbone": cfg.backbone.name,
         "weights_source": model.weights_source,
         "freeze": model.freeze_spec.name,
@@ -143,17 +200,23 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "split_sizes": {k: len(v) for k, v in dm.data.splits.items()},
         "epochs": trainer.current_epoch,
         "train_time_s": round(train_time, 2),
+        "train_images_per_s": round(images_per_epoch * trainer.current_epoch / max(train_time, 1e-9), 1),
+        **_peak_memory_mb(trainer),
         # What the strategy trained in the last epoch (gradual/lp_ft start from fewer).
         "trainable_params": model.trainable_params_at(max(0, trainer.current_epoch - 1)),
         "trainable_params_first_epoch": model.trainable_params_at(0),
         "total_params": model.total_params(),
         "best_checkpoint": checkpoint.best_model_path or None,
         "evaluated": "best" if ckpt else "last",
+        "augment": dm.augment["name"],
+        "cached_features": cached,
     }
+    if isinstance(fit_dm, FeatureDataModule):
+        metrics["feature_extraction_s"] = round(fit_dm.extraction_time_s, 2)
     for stage, run in (("val", trainer.validate), ("test", trainer.test)):
         if stage == "test" and not dm.has_test:
             continue
-        result = run(model, datamodule=dm, ckpt_path=ckpt, verbose=False)[0]
+        result = run(model, datamodule=fit_dm, ckpt_path=ckpt, verbose=False)[0]
         metrics[f"{stage}_acc"] = round(float(result[f"{stage}/acc"]), 5)
         if f"{stage}/top5" in result:
             metrics[f"{stage}_top5"] = round(float(result[f"{stage}/top5"]), 5)

@@ -120,3 +120,50 @@ def test_datamodule_uses_backbone_preprocessing(make_folder) -> None:
     assert dm.class_counts() == {"train": [4, 4], "val": [1, 1]}
     dm2 = ImageDataModule("folder", root, backbone="test_efficientnet", image_size=48)
     assert dm2.image_size == 48
+
+
+def test_augment_presets_build_and_none_trains_on_the_eval_pipeline() -> None:
+    import albumentations as A
+
+    from finetune.errors import FineTuneError
+
+    for preset, ops in (("light", set()), ("medium", {"ColorJitter", "Affine"}),
+                        ("heavy", {"ColorJitter", "Affine", "GaussianBlur", "CoarseDropout"})):
+        dm = ImageDataModule("digits", image_size=32, augment=preset)
+        dm.setup()
+        names = {type(t).__name__ for t in dm.datasets["train"].transform.transforms}
+        assert ops <= names and "RandomResizedCrop" in names, preset
+    dm = ImageDataModule("digits", image_size=32, augment="none")
+    dm.setup()
+    assert dm.train_is_deterministic
+    a, b = dm.datasets["train"][0][0], dm.datasets["train"][0][0]
+    assert torch.equal(a, b) and torch.equal(a, dm.eval_dataset("train")[0][0])
+    custom = {"name": "mine", "ops": {"flip": {"_target_": "albumentations.VerticalFlip", "p": 1.0}, "off": None}}
+    dm = ImageDataModule("digits", image_size=32, augment=custom)
+    dm.setup()
+    assert any(isinstance(t, A.VerticalFlip) for t in dm.datasets["train"].transform.transforms)
+    with pytest.raises(FineTuneError, match="unknown augment preset 'wild'"):
+        ImageDataModule("digits", augment="wild")
+    with pytest.raises(FineTuneError, match="augment.ops.bad"):
+        ImageDataModule("digits", augment={"name": "x", "ops": {"bad": {"_target_": "albumentations.NoSuchOp"}}})
+
+
+def test_augment_ops_are_overridable_from_the_command_line() -> None:
+    from finetune.config import compose
+    from finetune.train import build_datamodule
+
+    cfg = compose(["augment=medium", "augment.ops.affine.p=0.25", "~augment.ops.color_jitter", "data.image_size=32"])
+    dm = build_datamodule(cfg)
+    dm.setup()
+    ops = {type(t).__name__: t for t in dm.datasets["train"].transform.transforms}
+    assert "ColorJitter" not in ops and ops["Affine"].p == 0.25
+
+
+def test_augmentations_are_seeded_by_the_datamodule_seed() -> None:
+    def crops(seed: int) -> torch.Tensor:
+        dm = ImageDataModule("digits", image_size=32, seed=seed, augment="heavy")
+        dm.setup()
+        return torch.stack([dm.datasets["train"][i][0] for i in range(8)])
+
+    assert torch.equal(crops(1), crops(1))
+    assert not torch.equal(crops(1), crops(2))

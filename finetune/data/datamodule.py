@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.data.augment import build_ops, resolve_augment
 from finetune.data.images import load_image
 from finetune.data.sources import DataSplits, Split, build_source
 from finetune.data.transforms import eval_transform, train_transform
 
-__all__ = ["ImageDataModule", "ImageDataset", "backbone_data_config"]
+__all__ = ["ImageDataModule", "ImageDataset", "SplitLoaders", "backbone_data_config"]
 
 
 class ImageDataset(Dataset):
@@ -34,6 +35,15 @@ class ImageDataset(Dataset):
         return self.transform(image=image)["image"], int(self.split.labels[i])
 
 
+def _seed_worker_transform(worker_id: int) -> None:
+    # Each worker holds a copy of the transform's generator: without a reseed, workers would repeat
+    # each other's crops. torch gives every worker of every epoch its own seed, derived from the run's.
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
 def backbone_data_config(backbone: str) -> dict[str, Any]:
     """Preprocessing from a timm model's pretrained config, without building the model."""
     import timm
@@ -45,12 +55,41 @@ def backbone_data_config(backbone: str) -> dict[str, Any]:
     return timm.data.resolve_model_data_config(model)
 
 
-class ImageDataModule(pl.LightningDataModule):
+class SplitLoaders:
+    """Lightning's four loader hooks from one ``_loader(split, shuffle)``; predictions use test, else val."""
+
+    has_test: bool
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test" if self.has_test else "val", shuffle=False)
+
+
+# SplitLoaders first: its hooks replace LightningDataModule's placeholders.
+class ImageDataModule(SplitLoaders, pl.LightningDataModule):
     """Labelled images for fine-tuning, preprocessed the way the backbone was pretrained.
 
     Args:
-        source: ``digits``, ``folder``, or ready :class:`DataSplits`.
+        source: ``digits``, ``fashion_mnist``, ``folder``, ``photos``, or ready :class:`DataSplits`.
         root: the folder, for ``source="folder"``.
+        path: the folder of the IDX files, for ``source="fashion_mnist"`` (None: where Debian's
+            ``dataset-fashion-mnist`` installs them).
+        train_per_class: for ``fashion_mnist``, keep a seeded random N training images per class
+            (None: all); val and test stay whole.
+        per_class: for ``photos``, crops per photograph (before splitting); crops are made at
+            ``image_size``.
+        photos: for ``photos``, the scikit-image photograph names (None: all natural ones).
         backbone: timm model name whose pretrained config gives ``image_size``, ``mean``,
             ``std``, ``interpolation`` and ``crop_pct`` where they are not given.
         image_size: input size in pixels (square).
@@ -58,9 +97,13 @@ class ImageDataModule(pl.LightningDataModule):
         interpolation: ``bicubic``, ``bilinear``, ...
         crop_pct: eval resize is ``image_size / crop_pct`` before the center crop.
         scale, ratio, hflip: train augmentation (random resized crop, horizontal flip).
+        augment: preset ``none``, ``light`` (scale/ratio/hflip only), ``medium``, ``heavy``, or
+            a mapping ``{"name": ..., "ops": {op: {"_target_": "albumentations.X", ...}}}``;
+            ``none`` trains on the deterministic eval pipeline.
         batch_size: batch size for every split.
         num_workers: DataLoader worker processes.
-        val_fraction, test_fraction: held-out fractions where the source splits itself.
+        val_fraction, test_fraction: held-out fractions where the source splits itself
+            (``fashion_mnist`` has an official test set and uses only ``val_fraction``).
         seed: seed of the splits.
     """
 
@@ -78,11 +121,16 @@ class ImageDataModule(pl.LightningDataModule):
         scale: Sequence[float] = (0.08, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
+        augment: str | Mapping[str, Any] | None = "light",
         batch_size: int = 64,
         num_workers: int = 0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         seed: int = 0,
+        path: str | os.PathLike[str] | None = None,
+        train_per_class: int | None = None,
+        per_class: int = 60,
+        photos: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         defaults = backbone_data_config(backbone) if backbone else {}
@@ -92,13 +140,26 @@ class ImageDataModule(pl.LightningDataModule):
         self.interpolation = interpolation or defaults.get("interpolation", "bicubic")
         self.crop_pct = float(crop_pct or defaults.get("crop_pct", 0.875))
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
+        self.augment = resolve_augment(augment)
+        build_ops(self.augment["ops"])  # bad ops fail here, not in the first training step
         self.batch_size, self.num_workers = batch_size, num_workers
         self._source = source
+        self.seed = seed
         self._source_kwargs: dict[str, Any] = {"seed": seed}
         if source == "digits":
             self._source_kwargs.update(val_fraction=val_fraction, test_fraction=test_fraction)
         elif source == "folder":
             self._source_kwargs.update(root=Path(root) if root is not None else None, val_fraction=val_fraction)
+        elif source == "fashion_mnist":
+            self._source_kwargs.update(path=path, val_fraction=val_fraction, train_per_class=train_per_class)
+        elif source == "photos":
+            self._source_kwargs.update(
+                per_class=per_class,
+                size=self.image_size,
+                photos=list(photos) if photos is not None else None,
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
+            )
         self._data: DataSplits | None = source if isinstance(source, DataSplits) else None
         self.datasets: dict[str, ImageDataset] = {}
 
@@ -124,15 +185,29 @@ class ImageDataModule(pl.LightningDataModule):
     def class_counts(self) -> dict[str, list[int]]:
         return {name: s.class_counts(self.num_classes) for name, s in self.data.splits.items()}
 
+    @property
+    def train_is_deterministic(self) -> bool:
+        """Whether train images are preprocessed the same way every epoch (``augment=none``)."""
+        return self.augment["name"] == "none"
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        train_t = train_transform(
-            self.image_size, self.mean, self.std, self.scale, self.ratio, self.hflip, self.interpolation
-        )
         eval_t = eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+        train_t = eval_t if self.train_is_deterministic else train_transform(
+            self.image_size, self.mean, self.std, self.scale, self.ratio, self.hflip, self.interpolation,
+            extra=build_ops(self.augment["ops"]),
+        )
+        # albumentations draws from each Compose's own generator, which seed_everything does not reach;
+        # unseeded it takes OS entropy, and two runs of one config crop differently and end differently.
+        train_t.set_random_seed(self.seed)
         for name, split in self.data.splits.items():
             self.datasets[name] = ImageDataset(split, train_t if name == "train" else eval_t)
+
+    def eval_dataset(self, name: str) -> ImageDataset:
+        """Split ``name`` through the deterministic eval pipeline (for measuring, not training)."""
+        t = eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+        return ImageDataset(self.data.splits[name], t)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         self.setup()
@@ -143,16 +218,6 @@ class ImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_seed_worker_transform,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test" if self.has_test else "val", shuffle=False)

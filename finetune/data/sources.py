@@ -7,17 +7,32 @@ stratified and seeded, so every run of a sweep sees the same images.
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from finetune.data.images import is_image_file
+from finetune.data.photos import photo_crops
 from finetune.errors import FineTuneError
 
-__all__ = ["SOURCES", "DataSplits", "Split", "build_source", "digits", "folder", "stratified_split"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "SOURCES",
+    "DataSplits",
+    "Split",
+    "build_source",
+    "digits",
+    "fashion_mnist",
+    "folder",
+    "photos",
+    "read_idx",
+    "stratified_split",
+]
 
 
 @dataclass
@@ -71,14 +86,136 @@ def digits(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2)
     gray = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     images = np.repeat(gray[..., None], 3, axis=-1)
     labels = bunch.target.astype(np.int64)
-    everything = Split(list(images), labels)
-    rest, test = stratified_split(labels, test_fraction, seed, "test")
+    splits = _train_val_test(Split(list(images), labels), val_fraction, test_fraction, seed)
+    return DataSplits("digits", [str(i) for i in range(10)], splits)
+
+
+def _train_val_test(everything: Split, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Split]:
+    """Stratified test, then val, split off one pool; fractions are of the whole pool."""
+    rest, test = stratified_split(everything.labels, test_fraction, seed, "test")
     rest_split = everything.subset(rest)
     train, val = stratified_split(rest_split.labels, val_fraction / (1 - test_fraction), seed, "validation")
     splits = {"train": rest_split.subset(train), "val": rest_split.subset(val)}
     if len(test):
         splits["test"] = everything.subset(test)
-    return DataSplits("digits", [str(i) for i in range(10)], splits)
+    return splits
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts it
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+def read_idx(path: str | Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (MNIST's format), gzipped or not, as a uint8 array.
+
+    The header is two zero bytes, the type code ``0x08`` (unsigned byte), the number of
+    dimensions, then each dimension as a big-endian int32.
+    """
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise FineTuneError(f"cannot read IDX file '{path}': {e}") from None
+    magic = raw[:4]
+    if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] != ndim:
+        raise FineTuneError(
+            f"'{path}' is not an IDX file of {ndim}-d unsigned bytes (magic {magic.hex() or 'missing'}, "
+            f"expected 000008{ndim:02x})"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise FineTuneError(f"IDX file '{path}' is truncated in its header")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    if len(raw) - header != int(np.prod(shape)):
+        raise FineTuneError(
+            f"IDX file '{path}' holds {len(raw) - header} bytes of data; its header {shape} says {int(np.prod(shape))}"
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _idx_file(root: Path, name: str) -> Path:
+    for candidate in (root / f"{name}.gz", root / name):
+        if candidate.is_file():
+            return candidate
+    raise FineTuneError(f"Fashion-MNIST file '{name}.gz' (or '{name}') is missing from '{root}'")
+
+
+def _fashion_part(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"), 3)
+    labels_path = _idx_file(root, f"{prefix}-labels-idx1-ubyte")
+    labels = read_idx(labels_path, 1)
+    if len(labels) != len(images):
+        raise FineTuneError(f"'{labels_path}' has {len(labels)} labels for {len(images)} images")
+    if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+        raise FineTuneError(f"'{labels_path}' has label {labels.max()}; Fashion-MNIST labels are 0..9")
+    return images, labels.astype(np.int64)
+
+
+def _rgb_split(gray: np.ndarray, labels: np.ndarray) -> Split:
+    # One contiguous block, items are views into it: 70k separate arrays would be slower to build.
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    return Split(list(rgb), labels)
+
+
+def fashion_mnist(
+    path: str | Path | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    train_per_class: int | None = None,
+) -> DataSplits:
+    """Zalando's Fashion-MNIST (28x28 grayscale clothes, 10 classes) from its IDX files.
+
+    ``test`` is the official 10,000-image test set; ``val`` is a stratified, seeded
+    ``val_fraction`` of the 60,000 training images. ``train_per_class`` then keeps a seeded
+    random ``N`` of each class in ``train`` (val and test stay whole, so runs with different
+    ``N`` are scored on the same images; a smaller ``N`` picks a subset of a larger one).
+    """
+    root = Path(path).expanduser() if path not in (None, "") else FASHION_MNIST_DIR
+    if not root.is_dir():
+        if root == FASHION_MNIST_DIR:
+            raise FineTuneError(
+                f"Fashion-MNIST folder '{root}' does not exist; install it with "
+                "`apt-get install dataset-fashion-mnist` or pass data.path=DIR"
+            )
+        raise FineTuneError(f"Fashion-MNIST folder '{root}' does not exist (data.path)")
+    if train_per_class is not None and train_per_class < 1:
+        raise FineTuneError(f"train_per_class must be at least 1 (or null for all), got {train_per_class}")
+    train_gray, train_labels = _fashion_part(root, "train")
+    test_gray, test_labels = _fashion_part(root, "t10k")
+
+    kept, val = stratified_split(train_labels, val_fraction, seed, "validation")
+    notes: list[str] = []
+    if train_per_class is not None:
+        order = kept[np.random.default_rng(seed).permutation(len(kept))]
+        per_class = [order[train_labels[order] == c][:train_per_class] for c in range(len(FASHION_MNIST_CLASSES))]
+        kept = np.sort(np.concatenate(per_class))
+        notes.append(f"train: {train_per_class} image(s) per class kept (train_per_class)")
+    splits = {
+        "train": _rgb_split(train_gray[kept], train_labels[kept]),
+        "val": _rgb_split(train_gray[val], train_labels[val]),
+        "test": _rgb_split(test_gray, test_labels),
+    }
+    return DataSplits(f"fashion_mnist:{root}", list(FASHION_MNIST_CLASSES), splits, notes)
+
+
+def photos(
+    per_class: int = 60,
+    size: int = 224,
+    seed: int = 0,
+    val_fraction: float = 0.25,
+    test_fraction: float = 0.25,
+    photos: Sequence[str] | None = None,
+) -> DataSplits:
+    """Seeded random crops of scikit-image's bundled colour photographs, one class per photo.
+
+    See :func:`finetune.data.photos.photo_crops` for how crops are drawn.
+    """
+    names, items, labels = photo_crops(per_class=per_class, size=size, seed=seed, photos=photos)
+    splits = _train_val_test(Split(items, labels), val_fraction, test_fraction, seed)
+    return DataSplits("photos", names, splits)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -137,7 +274,12 @@ def folder(root: str | Path | None, val_fraction: float = 0.2, seed: int = 0) ->
     return DataSplits(f"folder:{root}", classes, splits, notes)
 
 
-SOURCES: dict[str, Callable[..., DataSplits]] = {"digits": digits, "folder": folder}
+SOURCES: dict[str, Callable[..., DataSplits]] = {
+    "digits": digits,
+    "fashion_mnist": fashion_mnist,
+    "folder": folder,
+    "photos": photos,
+}
 
 
 def build_source(name: str, **kwargs: Any) -> DataSplits:

@@ -33,8 +33,9 @@ def train_transform(
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
     interpolation: str = "bicubic",
+    extra: Sequence[A.BasicTransform] = (),
 ) -> A.Compose:
-    """Random resized crop and horizontal flip (timm's names for the knobs)."""
+    """Random resized crop and horizontal flip (timm's names for the knobs), then ``extra`` ops."""
     ops: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=(image_size, image_size),
@@ -45,6 +46,7 @@ def train_transform(
     ]
     if hflip > 0:
         ops.append(A.HorizontalFlip(p=hflip))
+    ops += list(extra)
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(ops)
 

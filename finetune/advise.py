@@ -1,0 +1,158 @@
+"""How much to fine-tune, from the data's size and its similarity to ImageNet.
+
+``advise(cfg)`` measures the training split (its size, and its distance to the
+pretraining data with :mod:`finetune.similarity`), picks one of the four quadrant recipes
+and says why. ``+recipe=auto`` trains with that recipe; ``python -m finetune.advise``
+only prints the advice (JSON on stdout).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+
+from finetune.errors import FineTuneError
+
+__all__ = ["advise", "main", "recipe_overrides"]
+
+# Measures similarity when the backbone cannot: it has BatchNorm and installs offline.
+REFERENCE_MODEL = "tf_efficientnet_lite0"
+
+
+def _size(counts: list[int], small_below: int) -> dict[str, Any]:
+    total = int(sum(counts))
+    present = [c for c in counts if c > 0]
+    return {
+        "train_images": total,
+        "classes": len(counts),
+        "per_class_min": int(min(present)) if present else 0,
+        "per_class_median": float(np.median(present)) if present else 0.0,
+        "size": "small" if total < small_below else "large",
+    }
+
+
+def _measuring_model(cfg: DictConfig) -> tuple[torch.nn.Module, str, str]:
+    """The pretrained model that measures similarity, its name, and why it was chosen."""
+    from finetune.backbones import create_backbone
+
+    name = cfg.advise.get("similarity_model") or cfg.backbone.name
+    why = "the backbone" if name == cfg.backbone.name else "advise.similarity_model"
+    if name == cfg.backbone.name and not cfg.backbone.pretrained:
+        name, why = REFERENCE_MODEL, "the backbone is not pretrained"
+    weights = cfg.backbone.weights if name == cfg.backbone.name else None
+    model = create_backbone(name, pretrained=True, weights=weights).model
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        name, why = REFERENCE_MODEL, f"{cfg.backbone.name} has no BatchNorm statistics"
+        model = create_backbone(name, pretrained=True).model
+    return model, name, why
+
+
+def advise(cfg: DictConfig) -> dict[str, Any]:
+    """Measure the data of ``cfg`` and choose a recipe; see ``conf/advise/default.yaml`` for the knobs.
+
+    Returns:
+        ``recipe``, ``size``, ``similarity``, ``reason``, ``measurements`` and ``thresholds``.
+    """
+    from finetune.data import ImageDataModule
+    from finetune.similarity import measure_similarity
+    from finetune.train import build_datamodule
+
+    a = cfg.advise
+    start = time.perf_counter()
+    dm = build_datamodule(cfg)
+    counts = dm.class_counts()["train"]
+    if sum(1 for c in counts if c > 0) < 2:
+        raise FineTuneError(f"the training split has {sum(1 for c in counts if c > 0)} class(es) with images; need 2")
+    size = _size(counts, int(a.small_below))
+    n = min(int(a.sample_size), size["train_images"])
+    if n < int(a.min_sample):
+        raise FineTuneError(
+            f"{size['train_images']} training images are too few to measure similarity (advise.min_sample="
+            f"{a.min_sample})"
+        )
+
+    model, measured_with, why = _measuring_model(cfg)
+    # The sample is preprocessed the way the measuring model was pretrained, at the data's size.
+    measure_dm = ImageDataModule(dm.data, image_size=dm.image_size, backbone=measured_with)
+    dataset = measure_dm.eval_dataset("train")
+    idx = np.sort(np.random.default_rng(int(cfg.seed)).permutation(len(dataset))[:n])
+    batches = (x for x, _ in DataLoader(Subset(dataset, idx.tolist()), batch_size=64))
+    sim = measure_similarity(model, batches)
+    if sim.bn_divergence is None:
+        raise FineTuneError(f"{measured_with} has no BatchNorm layers to measure similarity with")
+
+    similar = sim.bn_divergence < float(a.similar_below)
+    similarity = "similar" if similar else "dissimilar"
+    recipe = f"{size['size']}_{similarity}"
+    by_stage = [d for d in sim.bn_divergence_by_stage if d is not None]
+    half = len(by_stage) // 2
+    early, late = (float(np.mean(by_stage[:half])), float(np.mean(by_stage[half:]))) if half else (0.0, 0.0)
+    depth = "late (semantic shift)" if late >= early else "early (input-level shift)"
+    reason = (
+        f"{size['train_images']} training images ({'<' if size['size'] == 'small' else '>='} {a.small_below}) and "
+        f"BatchNorm divergence {sim.bn_divergence:.3f} ({'<' if similar else '>='} {a.similar_below}) from "
+        f"ImageNet, largest {depth.split(' ')[0]}: {recipe}"
+    )
+    return {
+        "recipe": recipe,
+        "size": size["size"],
+        "similarity": similarity,
+        "reason": reason,
+        "measurements": {
+            **{k: v for k, v in size.items() if k != "size"},
+            "data": dm.data.name,
+            "image_size": dm.image_size,
+            "sample_images": sim.images,
+            "measured_with": measured_with,
+            "measured_with_why": why,
+            "bn_layers": sim.bn_layers,
+            "bn_divergence": sim.bn_divergence,
+            "bn_divergence_by_stage": sim.bn_divergence_by_stage,
+            "shift_depth": depth,
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+        "thresholds": {"small_below": int(a.small_below), "similar_below": float(a.similar_below)},
+    }
+
+
+def advise_or_fallback(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`advise`, or ``advise.fallback`` with the reason when the data cannot be measured and the user allows it."""
+    try:
+        return advise(cfg)
+    except FineTuneError as e:
+        fallback = cfg.advise.get("fallback")
+        if not fallback:
+            raise FineTuneError(f"{e} (set advise.fallback=RECIPE to train with a recipe of your choice)") from None
+        return {"recipe": str(fallback), "size": None, "similarity": None,
+                "reason": f"not measured ({e}); advise.fallback={fallback}", "measurements": {}, "thresholds": {}}
+
+
+def recipe_overrides(overrides: Sequence[str], recipe: str) -> list[str]:
+    """``overrides`` with their recipe replaced by ``recipe`` (the user's other choices kept)."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("recipe=") and o.lstrip("+~") != "recipe"]
+    return [*kept, f"+recipe={recipe}"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m finetune.advise [data=... backbone=... advise.KEY=VALUE]``: the advice as JSON, no training."""
+    from finetune.config import compose
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = compose(args)
+        advice = advise_or_fallback(cfg)
+    except FineTuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(advice, indent=2))
+
+
+if __name__ == "__main__":
+    main()

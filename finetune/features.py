@@ -1,0 +1,143 @@
+"""Cached backbone features: a frozen backbone runs once, not once per epoch.
+
+With ``freeze=head_only`` and deterministic train preprocessing (``augment=none``) every
+epoch would feed the same images through the same fixed function. :class:`FeatureDataModule`
+computes the backbone's features of each split once and serves ``(features, labels)``
+batches; :meth:`FineTuneModule.forward` sends 2-D inputs straight to the head. The full
+model (backbone included) is still what checkpoints hold, so predictions take images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from finetune.data.datamodule import ImageDataModule, SplitLoaders
+from finetune.errors import FineTuneError
+from finetune.module import FineTuneModule
+
+__all__ = ["FeatureDataModule", "cache_features_reason", "resolve_cache_features", "state_digest"]
+
+
+def cache_features_reason(module: FineTuneModule, images: ImageDataModule) -> str | None:
+    """Why features cannot be cached for this module and data; None when they can."""
+    if not module.freeze_plan.backbone_frozen_throughout:
+        return f"the backbone trains (freeze={module.freeze_spec.name}); caching needs freeze=head_only"
+    if not images.train_is_deterministic:
+        return f"train images are augmented (augment={images.augment['name']}); caching needs augment=none"
+    return None
+
+
+def resolve_cache_features(setting: Any, module: FineTuneModule, images: ImageDataModule) -> bool:
+    """Decide ``cache_features`` (``auto``, true or false) for this module and data."""
+    if setting in (False, "false", "False", None):
+        return False
+    if setting not in ("auto", True, "true", "True"):
+        raise FineTuneError(f"cache_features must be auto, true or false, got '{setting}'")
+    reason = cache_features_reason(module, images)
+    if reason and setting != "auto":
+        raise FineTuneError(f"cache_features=true is not possible: {reason}")
+    return reason is None
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer: features computed with other weights are stale."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
+    """The splits of an :class:`ImageDataModule` as backbone features of a frozen ``module``.
+
+    Features are computed on the module's device, in eval mode, without gradients, the
+    first time a split's loader is asked for (Lightning asks after moving the model to
+    its device), and again only if the backbone's weights changed since.
+
+    Args:
+        images: the image data; its eval pipeline preprocesses every split.
+        module: the model whose backbone is frozen throughout.
+        batch_size: training batch size (default: the image data's).
+    """
+
+    def __init__(self, images: ImageDataModule, module: FineTuneModule, batch_size: int | None = None) -> None:
+        super().__init__()
+        reason = cache_features_reason(module, images)
+        if reason:
+            raise FineTuneError(f"cannot cache features: {reason}")
+        self.images = images
+        self.module = module
+        self.batch_size = batch_size or images.batch_size
+        self._cache: dict[str, tuple[str, TensorDataset]] = {}
+        self.extraction_time_s = 0.0
+
+    # The image data's facts, so code that reports on a datamodule works with either.
+    @property
+    def data(self) -> Any:
+        return self.images.data
+
+    @property
+    def classes(self) -> list[str]:
+        return self.images.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.num_classes
+
+    @property
+    def has_test(self) -> bool:
+        return self.images.has_test
+
+    @property
+    def image_size(self) -> int:
+        return self.images.image_size
+
+    def class_counts(self) -> dict[str, list[int]]:
+        return self.images.class_counts()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.images.setup(stage)
+
+    @torch.no_grad()
+    def _extract(self, split: str) -> TensorDataset:
+        self.module.backbone.eval()
+        feats, labels = [], []
+        start = time.perf_counter()
+        # Extraction draws nothing random, but iterating a DataLoader consumes the global RNG
+        # (its base seed): fork it so the shuffle order equals an uncached run's.
+        with torch.random.fork_rng(devices=[]):
+            loader = DataLoader(self.images.datasets[split], batch_size=max(self.batch_size, 64), shuffle=False,
+                                num_workers=self.images.num_workers)
+            for x, y in loader:
+                feats.append(self._features(x))
+                labels.append(y)
+        self.extraction_time_s += time.perf_counter() - start
+        self.module.train(self.module.training)  # the module's own policy for which parts stay in eval
+        return TensorDataset(torch.cat(feats).cpu(), torch.cat(labels))
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.module.device)
+        if self.module.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.module.backbone(x).float()
+
+    def dataset(self, split: str) -> TensorDataset:
+        """The ``(features, labels)`` of ``split``, computed now if missing or stale."""
+        self.images.setup()
+        digest = state_digest(self.module.backbone)
+        cached = self._cache.get(split)
+        if cached is None or cached[0] != digest:
+            self._cache[split] = (digest, self._extract(split))
+        return self._cache[split][1]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        # Features are small tensors in memory: worker processes would only add overhead.
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle)
+

@@ -1,0 +1,68 @@
+"""Cached backbone features: used only when exact, equal to the uncached run, invalidated by new weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import FineTuneModule, ImageDataModule
+from finetune.config import compose
+from finetune.errors import FineTuneError
+from finetune.features import FeatureDataModule, resolve_cache_features
+from finetune.train import train
+
+TINY = ["backbone.name=test_efficientnet", "backbone.pretrained=false", "data.image_size=32",
+        "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "freeze=head_only"]
+
+
+def test_cache_is_used_only_when_the_backbone_is_frozen_and_train_images_are_not_augmented() -> None:
+    dm_none = ImageDataModule("digits", image_size=32, augment="none")
+    dm_light = ImageDataModule("digits", image_size=32, augment="light")
+    probe = FineTuneModule("test_efficientnet", pretrained=False, freeze="head_only")
+    full = FineTuneModule("test_efficientnet", pretrained=False, freeze="none")
+    lp_ft = FineTuneModule("test_efficientnet", pretrained=False, freeze={"name": "lp_ft", "unfreeze_at_epoch": 1})
+    bn = FineTuneModule("test_efficientnet", pretrained=False, freeze={"name": "head_only", "train_bn": True})
+    assert resolve_cache_features("auto", probe, dm_none)
+    for module, dm in ((probe, dm_light), (full, dm_none), (lp_ft, dm_none), (bn, dm_none)):
+        assert not resolve_cache_features("auto", module, dm)
+        with pytest.raises(FineTuneError, match="cache_features=true is not possible"):
+            resolve_cache_features(True, module, dm)
+    assert not resolve_cache_features(False, probe, dm_none)
+    with pytest.raises(FineTuneError, match="cache_features must be"):
+        resolve_cache_features("sometimes", probe, dm_none)
+
+
+def test_cached_run_equals_uncached_run(tmp_path: Path) -> None:
+    cached = train(compose([*TINY, "augment=none", "cache_features=auto"]), tmp_path / "cached")
+    plain = train(compose([*TINY, "augment=none", "cache_features=false"]), tmp_path / "plain")
+    assert cached["cached_features"] and not plain["cached_features"]
+    for key in ("val_acc", "test_acc"):
+        assert cached[key] == pytest.approx(plain[key], abs=1 / 360 + 1e-9), key
+    assert cached["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
+    heads = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+             for run in ("cached", "plain")]
+    head_keys = [k for k in heads[0] if k.startswith("head.")]
+    assert head_keys
+    for name in head_keys:
+        torch.testing.assert_close(heads[0][name], heads[1][name], rtol=1e-4, atol=1e-5)
+    # The backbone in the checkpoint is the untouched one: the cache never changed it.
+    backbone_keys = [k for k in heads[0] if k.startswith("backbone.")]
+    assert backbone_keys and all(torch.equal(heads[0][k], heads[1][k]) for k in backbone_keys)
+
+
+def test_new_backbone_weights_invalidate_the_cache() -> None:
+    dm = ImageDataModule("digits", image_size=32, augment="none", batch_size=256)
+    module = FineTuneModule("test_efficientnet", pretrained=False, freeze="head_only", num_classes=10)
+    feats = FeatureDataModule(dm, module)
+    first = feats.dataset("val").tensors[0].clone()
+    assert feats.dataset("val").tensors[0] is feats.dataset("val").tensors[0]  # served from the cache
+    with torch.no_grad():
+        next(module.backbone.parameters()).mul_(2.0)
+    again = feats.dataset("val").tensors[0]
+    assert again.shape == first.shape and not torch.allclose(again, first)
+    with torch.no_grad():
+        images, _ = next(iter(dm.val_dataloader()))
+        module.eval()
+        torch.testing.assert_close(module.backbone(images), again[: len(images)], rtol=1e-4, atol=1e-5)
