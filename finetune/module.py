@@ -40,6 +40,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _class_weight_tensor(class_weights: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
+    if class_weights is None:
+        return None
+    if isinstance(class_weights, str):
+        raise FineTuneError(
+            f"class_weights '{class_weights}' needs the training data; pass one float per class "
+            "(the config's head.class_weights=balanced is computed in finetune.train.build_module)"
+        )
+    weights = [float(w) for w in class_weights]
+    if len(weights) != num_classes:
+        raise FineTuneError(f"class_weights has {len(weights)} value(s) for {num_classes} classes")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise FineTuneError(f"class_weights must all be positive and finite, got {weights}")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 class FineTuneModule(pl.LightningModule):
     """Fine-tune an ImageNet-pretrained timm backbone with a new classification head.
 
@@ -62,6 +78,8 @@ class FineTuneModule(pl.LightningModule):
         warmup_epochs: epochs of linear warmup (fractions allowed).
         drop_rate: dropout before the classifier.
         label_smoothing: cross-entropy label smoothing.
+        class_weights: one cross-entropy weight per class (PyTorch's ``weight``), or None for
+            equal weights; ``train.build_module`` turns ``balanced`` into a list.
         channels_last: keep weights and inputs in channels-last memory format (timm's
             ``--channels-last``): faster convolutions on recent CPUs and GPUs.
         class_names: names of the classes, saved with the checkpoint.
@@ -83,6 +101,7 @@ class FineTuneModule(pl.LightningModule):
         warmup_epochs: float = 0.0,
         drop_rate: float = 0.0,
         label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | None = None,
         class_names: Sequence[str] | None = None,
         channels_last: bool = False,
     ) -> None:
@@ -97,6 +116,8 @@ class FineTuneModule(pl.LightningModule):
             self.hparams["class_names"] = list(class_names)
         if weights is not None:
             self.hparams["weights"] = os.fspath(weights)
+        if class_weights is not None and not isinstance(class_weights, str):
+            self.hparams["class_weights"] = [float(w) for w in class_weights]  # plain floats load with weights_only
 
         built = create_backbone(backbone, pretrained=pretrained and not _RESTORING.get(), weights=weights)
         self.weights_source = "checkpoint" if _RESTORING.get() else built.weights_source
@@ -115,7 +136,9 @@ class FineTuneModule(pl.LightningModule):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.criterion = nn.CrossEntropyLoss(
+            weight=_class_weight_tensor(class_weights, num_classes), label_smoothing=label_smoothing
+        )
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
@@ -26,7 +26,7 @@ from finetune.heads import head_kwargs
 from finetune.module import FineTuneModule
 from finetune.report import print_summary
 
-__all__ = ["build_datamodule", "build_module", "build_trainer", "train"]
+__all__ = ["balanced_class_weights", "build_datamodule", "build_module", "build_trainer", "train"]
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
@@ -40,11 +40,49 @@ def build_datamodule(cfg: DictConfig) -> ImageDataModule:
         raise FineTuneError(f"bad data config: {e}") from None
 
 
-def build_module(cfg: DictConfig, num_classes: int, class_names: list[str] | None = None) -> FineTuneModule:
-    """The FineTuneModule of ``cfg.backbone``, ``cfg.freeze``, ``cfg.head`` and ``cfg.optim``."""
+def balanced_class_weights(counts: Sequence[int], class_names: Sequence[str] | None = None) -> list[float]:
+    """scikit-learn's ``balanced``: ``n_samples / (n_classes * count_c)``, so each class weighs the same in total."""
+    for c, n in enumerate(counts):
+        if n <= 0:
+            name = class_names[c] if class_names else str(c)
+            raise FineTuneError(f"class_weights=balanced: class '{name}' has no training images")
+    total = sum(counts)
+    return [total / (len(counts) * n) for n in counts]
+
+
+def _class_weights(
+    value: Any, class_names: list[str] | None, class_counts: Sequence[int] | None
+) -> list[float] | None:
+    if value is None:
+        return None
+    if value == "balanced":
+        if class_counts is None:
+            raise FineTuneError("head.class_weights=balanced needs the training class counts")
+        return balanced_class_weights(class_counts, class_names)
+    if isinstance(value, str):
+        raise FineTuneError(f"head.class_weights must be null, balanced or a list of floats, got '{value}'")
+    try:
+        return [float(w) for w in value]
+    except (TypeError, ValueError):
+        raise FineTuneError(f"head.class_weights must be null, balanced or a list of floats, got {value}") from None
+
+
+def build_module(
+    cfg: DictConfig,
+    num_classes: int,
+    class_names: list[str] | None = None,
+    class_counts: Sequence[int] | None = None,
+) -> FineTuneModule:
+    """The FineTuneModule of ``cfg.backbone``, ``cfg.freeze``, ``cfg.head`` and ``cfg.optim``.
+
+    ``class_counts`` (training images per class) is needed only for ``head.class_weights=balanced``.
+    """
     b, h, o = cfg.backbone, cfg.head, cfg.optim
     if o.name != "adamw":
         raise FineTuneError(f"unknown optimizer '{o.name}'; choose adamw")
+    class_weights = h.get("class_weights")
+    if isinstance(class_weights, ListConfig):
+        class_weights = OmegaConf.to_container(class_weights, resolve=True)
     return FineTuneModule(
         backbone=b.name,
         num_classes=num_classes,
@@ -59,6 +97,7 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str] | Non
         sched=o.sched,
         warmup_epochs=o.warmup_epochs,
         label_smoothing=h.get("label_smoothing", 0.0),
+        class_weights=_class_weights(class_weights, class_names, class_counts),
         class_names=class_names,
         channels_last=b.get("channels_last", False),
     )
@@ -169,7 +208,16 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg)
-    model = build_module(cfg, dm.num_classes, dm.classes)
+    classes = {"classes": dm.classes, "class_to_idx": {c: i for i, c in enumerate(dm.classes)}}
+    (run_dir / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    model = build_module(cfg, dm.num_classes, dm.classes, dm.class_counts()["train"])
+    if dm.bad_images:
+        from finetune.data.scan import write_bad_images
+
+        write_bad_images(dm.bad_images, run_dir / "bad_images.txt")
+    # The preprocessing goes into the checkpoint, so predict/evaluate need nothing but the checkpoint.
+    model.hparams["data_config"] = {"image_size": dm.image_size, "mean": list(dm.mean), "std": list(dm.std),
+                                    "interpolation": dm.interpolation, "crop_pct": dm.crop_pct}
     trainer, checkpoint = build_trainer(cfg, run_dir)
     cached = resolve_cache_features(cfg.get("cache_features", "auto"), model, dm)
     fit_dm = FeatureDataModule(dm, model) if cached else dm

@@ -66,3 +66,18 @@ def test_new_backbone_weights_invalidate_the_cache() -> None:
         images, _ = next(iter(dm.val_dataloader()))
         module.eval()
         torch.testing.assert_close(module.backbone(images), again[: len(images)], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [["freeze=none"], ["augment=none"]], ids=["full", "cached"])
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path, extra: list[str]) -> None:
+    m = train(compose([*TINY, "trainer.max_epochs=1", "trainer.precision=bf16-mixed", *extra]), tmp_path)
+    assert m["cached_features"] == (extra == ["augment=none"])
+    assert 0.0 <= m["val_acc"] <= 1.0 and m["val_loss"] == m["val_loss"]  # not NaN
+
+
+def test_cached_features_keep_the_weighted_sampler() -> None:
+    dm = ImageDataModule("digits", image_size=32, augment="none", sampler="weighted", seed=3)
+    module = FineTuneModule("test_efficientnet", pretrained=False, freeze="head_only", num_classes=10)
+    loader = FeatureDataModule(dm, module).train_dataloader()
+    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+    assert list(loader.sampler) == list(dm.train_dataloader().sampler)  # the same seeded draws

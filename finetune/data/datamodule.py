@@ -9,12 +9,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from finetune.data.augment import build_ops, resolve_augment
 from finetune.data.images import load_image
 from finetune.data.sources import DataSplits, Split, build_source
 from finetune.data.transforms import eval_transform, train_transform
+from finetune.errors import FineTuneError
 
 __all__ = ["ImageDataModule", "ImageDataset", "SplitLoaders", "backbone_data_config"]
 
@@ -81,10 +82,15 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
     """Labelled images for fine-tuning, preprocessed the way the backbone was pretrained.
 
     Args:
-        source: ``digits``, ``fashion_mnist``, ``folder``, ``photos``, or ready :class:`DataSplits`.
-        root: the folder, for ``source="folder"``.
+        source: ``csv``, ``digits``, ``fashion_mnist``, ``folder``, ``photos``, ``torchvision``,
+            or ready :class:`DataSplits`.
+        root: the folder, for ``source="folder"``; where the dataset's files are, for
+            ``source="torchvision"``.
         path: the folder of the IDX files, for ``source="fashion_mnist"`` (None: where Debian's
-            ``dataset-fashion-mnist`` installs them).
+            ``dataset-fashion-mnist`` installs them); the CSV file, for ``source="csv"``.
+        name: for ``torchvision``, the ``torchvision.datasets`` class (``CIFAR10``, ``MNIST``, ...).
+        download: for ``torchvision``, let the dataset class fetch missing files (off by default:
+            a run never reaches the network unless asked to).
         train_per_class: for ``fashion_mnist``, keep a seeded random N training images per class
             (None: all); val and test stay whole.
         per_class: for ``photos``, crops per photograph (before splitting); crops are made at
@@ -104,7 +110,13 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         val_fraction, test_fraction: held-out fractions where the source splits itself
             (``fashion_mnist`` has an official test set and uses only ``val_fraction``).
-        seed: seed of the splits.
+        seed: seed of the splits (and of the weighted sampler).
+        on_bad_image: ``error`` (default): an unreadable image file stops the run before training,
+            named; ``skip``: such files are left out, counted in the notes and listed in
+            :attr:`bad_images`.
+        sampler: None (shuffle), or ``weighted``: draw train images with replacement, each with
+            weight 1 / (images of its class), so every class is drawn about equally often
+            (``len(train)`` draws per epoch).
     """
 
     def __init__(
@@ -131,6 +143,10 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         train_per_class: int | None = None,
         per_class: int = 60,
         photos: Sequence[str] | None = None,
+        name: str | None = None,
+        download: bool = False,
+        sampler: str | None = None,
+        on_bad_image: str = "error",
     ) -> None:
         super().__init__()
         defaults = backbone_data_config(backbone) if backbone else {}
@@ -152,6 +168,10 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
             self._source_kwargs.update(root=Path(root) if root is not None else None, val_fraction=val_fraction)
         elif source == "fashion_mnist":
             self._source_kwargs.update(path=path, val_fraction=val_fraction, train_per_class=train_per_class)
+        elif source == "csv":
+            self._source_kwargs.update(path=path, val_fraction=val_fraction)
+        elif source == "torchvision":
+            self._source_kwargs.update(name=name, root=root, download=download, val_fraction=val_fraction)
         elif source == "photos":
             self._source_kwargs.update(
                 per_class=per_class,
@@ -160,6 +180,13 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
                 val_fraction=val_fraction,
                 test_fraction=test_fraction,
             )
+        if sampler not in (None, "weighted"):
+            raise FineTuneError(f"unknown sampler '{sampler}'; choose null or weighted (data.sampler)")
+        self.sampler = sampler
+        if on_bad_image not in ("error", "skip"):
+            raise FineTuneError(f"on_bad_image must be error or skip, got '{on_bad_image}' (data.on_bad_image)")
+        self.on_bad_image = on_bad_image
+        self.bad_images: list[tuple[Path, str]] = []
         self._data: DataSplits | None = source if isinstance(source, DataSplits) else None
         self.datasets: dict[str, ImageDataset] = {}
 
@@ -167,7 +194,11 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
     @property
     def data(self) -> DataSplits:
         if self._data is None:
-            self._data = build_source(str(self._source), **self._source_kwargs)
+            from finetune.data.scan import check_split_images
+
+            # A fast scan of every image file, so a corrupt file stops the run before training, not mid-epoch.
+            built = build_source(str(self._source), **self._source_kwargs)
+            self._data, self.bad_images = check_split_images(built, self.on_bad_image)
         return self._data
 
     @property
@@ -209,12 +240,23 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         t = eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
         return ImageDataset(self.data.splits[name], t)
 
+    def train_sampler(self) -> WeightedRandomSampler | None:
+        """The train split's sampler for ``sampler="weighted"`` (None: plain shuffling)."""
+        if self.sampler != "weighted":
+            return None
+        labels = self.data.splits["train"].labels
+        per_sample = 1.0 / np.bincount(labels)[labels]
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(per_sample.tolist(), len(labels), replacement=True, generator=generator)
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         self.setup()
+        sampler = self.train_sampler() if name == "train" else None
         return DataLoader(
             self.datasets[name],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

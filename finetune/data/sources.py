@@ -7,7 +7,9 @@ stratified and seeded, so every run of a sweep sees the same images.
 
 from __future__ import annotations
 
+import csv
 import gzip
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,12 +28,14 @@ __all__ = [
     "DataSplits",
     "Split",
     "build_source",
+    "csv_source",
     "digits",
     "fashion_mnist",
     "folder",
     "photos",
     "read_idx",
     "stratified_split",
+    "torchvision_source",
 ]
 
 
@@ -274,15 +278,229 @@ def folder(root: str | Path | None, val_fraction: float = 0.2, seed: int = 0) ->
     return DataSplits(f"folder:{root}", classes, splits, notes)
 
 
+CSV_SPLITS = ("train", "val", "test")
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and ``(row number, row)`` pairs; rows are numbered as a spreadsheet shows them (header = 1)."""
+    try:
+        # utf-8-sig: spreadsheets often save a byte-order mark, which would otherwise stick to 'path'.
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)
+            header = [h.strip() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = []
+            for row in reader:
+                if any((v or "").strip() for k, v in row.items() if k is not None):  # skip blank lines
+                    rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FineTuneError(f"cannot read CSV '{path}': {e}") from None
+    return header, rows
+
+
+def csv_source(path: str | Path | None, val_fraction: float = 0.2, seed: int = 0) -> DataSplits:
+    """Images listed in a CSV with columns ``path,label`` and optional ``split`` (train/val/test).
+
+    Relative paths are relative to the CSV's folder. Without a ``split`` column (or without
+    ``val`` rows) a stratified, seeded ``val_fraction`` of the training rows is held out.
+    """
+    if path is None or str(path) == "":
+        raise FineTuneError("data.path is not set; pass data.path=FILE.csv")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FineTuneError(f"CSV file '{path}' does not exist (data.path)")
+    header, rows = _read_csv_rows(path)
+    if not header:
+        raise FineTuneError(f"CSV file '{path}' is empty; it needs a header row path,label[,split]")
+    missing_cols = [c for c in ("path", "label") if c not in header]
+    if missing_cols:
+        raise FineTuneError(
+            f"CSV file '{path}' lacks column(s) {', '.join(missing_cols)} (has: {', '.join(header)}); "
+            "it needs path,label and optionally split"
+        )
+    if not rows:
+        raise FineTuneError(f"CSV file '{path}' has a header but no rows")
+    has_split = "split" in header
+    by_split: dict[str, list[tuple[int, Path, str]]] = {s: [] for s in CSV_SPLITS}
+    missing: list[tuple[int, Path]] = []
+    for n, row in rows:
+        split = row.get("split", "") if has_split else "train"
+        if split not in by_split:
+            raise FineTuneError(f"CSV file '{path}' row {n}: split '{split}' is not one of train, val, test")
+        if not row["path"] or not row["label"]:
+            raise FineTuneError(f"CSV file '{path}' row {n}: empty {'path' if not row['path'] else 'label'}")
+        file = Path(row["path"]).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        if not file.is_file():
+            missing.append((n, file))
+        by_split[split].append((n, file, row["label"]))
+    if missing:
+        n, file = missing[0]
+        raise FineTuneError(
+            f"CSV file '{path}' row {n}: image '{file}' does not exist "
+            f"({len(missing)} of {len(rows)} listed images are missing)"
+        )
+    if not by_split["train"]:
+        raise FineTuneError(f"CSV file '{path}' has no rows with split 'train'")
+    classes = sorted({label for _, _, label in by_split["train"]})
+    if len(classes) < 2:
+        raise FineTuneError(f"CSV file '{path}' has {len(classes)} training class(es); need at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    for split in ("val", "test"):
+        for n, _, label in by_split[split]:
+            if label not in index:
+                raise FineTuneError(
+                    f"CSV file '{path}' row {n}: {split} label '{label}' is not among the training classes"
+                )
+
+    def to_split(entries: list[tuple[int, Path, str]]) -> Split:
+        return Split([f for _, f, _ in entries], np.asarray([index[lbl] for _, _, lbl in entries], dtype=np.int64))
+
+    train = to_split(by_split["train"])
+    notes: list[str] = []
+    if by_split["val"]:
+        splits = {"train": train, "val": to_split(by_split["val"])}
+    else:
+        kept, held = stratified_split(train.labels, val_fraction, seed, "validation")
+        splits = {"train": train.subset(kept), "val": train.subset(held)}
+        if has_split:
+            notes.append(f"no val rows in the CSV: held out val_fraction {val_fraction} of train")
+    if by_split["test"]:
+        splits["test"] = to_split(by_split["test"])
+    # A file in two splits is usually a listing mistake, and it inflates val/test scores; but a
+    # deliberate sanity check does it too, so it is reported rather than refused.
+    seen: dict[Path, set[str]] = {}
+    for split, entries in by_split.items():
+        for _, file, _ in entries:
+            seen.setdefault(file.resolve(), set()).add(split)
+    shared = sum(len(s) > 1 for s in seen.values())
+    if shared:
+        notes.append(f"warning: {shared} file(s) appear in more than one split; val/test scores on them are optimistic")
+    return DataSplits(f"csv:{path}", classes, splits, notes)
+
+
+def _torchvision_class(name: str | None) -> type:
+    import torchvision.datasets
+
+    if not name:
+        raise FineTuneError("data.name is not set; pass a torchvision.datasets class, e.g. data.name=CIFAR10")
+    cls = getattr(torchvision.datasets, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torchvision.datasets.VisionDataset)):
+        import difflib
+
+        names = [n for n in dir(torchvision.datasets) if isinstance(getattr(torchvision.datasets, n), type)]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise FineTuneError(f"torchvision.datasets has no dataset class '{name}' (data.name){hint}")
+    return cls
+
+
+def _open_torchvision(cls: type, root: Path, part: str, download: bool) -> Any:
+    """``cls``'s train or test part, for both constructor conventions (``train=bool``, ``split=str``)."""
+    params = inspect.signature(cls.__init__).parameters
+    if "train" in params:
+        kwargs: dict[str, Any] = {"train": part == "train"}
+    elif "split" in params:
+        kwargs = {"split": part}
+    else:
+        raise FineTuneError(
+            f"torchvision dataset {cls.__name__} takes neither train= nor split=; use data=folder or data=csv instead"
+        )
+    try:
+        return cls(root=str(root), download=download, **kwargs)
+    except (RuntimeError, FileNotFoundError) as e:
+        if download:
+            raise FineTuneError(
+                f"torchvision dataset {cls.__name__} ({part}) could not be downloaded into '{root}': {e}"
+            ) from None
+        raise FineTuneError(
+            f"torchvision dataset {cls.__name__} ({part}): its files are not under '{root}' (data.root); "
+            f"data.download=true fetches them"
+        ) from None
+    except ValueError as e:  # e.g. a split name the class does not know
+        raise FineTuneError(f"torchvision dataset {cls.__name__} has no {part} split: {e}") from None
+
+
+def _as_rgb(images: np.ndarray) -> np.ndarray | None:
+    """A uint8 ``(N, H, W, 3)`` block from gray ``(N, H, W)``, HWC or CHW arrays; None for other layouts."""
+    if images.dtype != np.uint8:
+        return None
+    if images.ndim == 3:
+        return np.repeat(images[..., None], 3, axis=-1)
+    if images.ndim != 4:
+        return None
+    if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):  # SVHN, STL10 store CHW
+        images = images.transpose(0, 2, 3, 1)
+    if images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    return images if images.shape[-1] == 3 else None
+
+
+def _torchvision_split(dataset: Any) -> Split:
+    import torch
+
+    data = getattr(dataset, "data", None)
+    targets = getattr(dataset, "targets", getattr(dataset, "labels", None))
+    if isinstance(data, torch.Tensor):  # MNIST and its kin keep tensors
+        data = data.numpy()
+    if isinstance(targets, torch.Tensor):
+        targets = targets.numpy()
+    rgb = _as_rgb(data) if isinstance(data, np.ndarray) else None
+    if rgb is not None and targets is not None and len(rgb) == len(targets) == len(dataset):
+        # One contiguous block (views, as for Fashion-MNIST): no per-image PIL round trip.
+        return Split(list(np.ascontiguousarray(rgb)), np.asarray(targets, dtype=np.int64))
+    items: list[np.ndarray] = []
+    labels: list[int] = []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        items.append(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8))
+        labels.append(int(label))
+    return Split(items, np.asarray(labels, dtype=np.int64))
+
+
+def torchvision_source(
+    name: str | None,
+    root: str | Path | None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> DataSplits:
+    """A ``torchvision.datasets`` class by name (CIFAR10, MNIST, SVHN, ...) from files under ``root``.
+
+    ``test`` is the dataset's test part; ``val`` is a stratified, seeded ``val_fraction`` of
+    its train part. Nothing is downloaded unless ``download`` is true.
+    """
+    cls = _torchvision_class(name)
+    if root is None or str(root) == "":
+        raise FineTuneError("data.root is not set; pass data.root=DIR (where the dataset's files are)")
+    root = Path(root).expanduser()
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+    train_set = _open_torchvision(cls, root, "train", download)
+    test_set = _open_torchvision(cls, root, "test", download)
+    train_all, test = _torchvision_split(train_set), _torchvision_split(test_set)
+    for part, split in (("train", train_all), ("test", test)):
+        if len(split) and split.labels.min() < 0:
+            raise FineTuneError(f"torchvision dataset {cls.__name__} ({part}) has unlabelled images (label < 0)")
+    num_classes = int(max(train_all.labels.max(initial=-1), test.labels.max(initial=-1))) + 1
+    names = getattr(train_set, "classes", None)
+    classes = [str(c) for c in names] if names and len(names) >= num_classes else [str(i) for i in range(num_classes)]
+    kept, val = stratified_split(train_all.labels, val_fraction, seed, "validation")
+    splits = {"train": train_all.subset(kept), "val": train_all.subset(val), "test": test}
+    return DataSplits(f"torchvision:{cls.__name__}:{root}", classes, splits)
+
+
 SOURCES: dict[str, Callable[..., DataSplits]] = {
+    "csv": csv_source,
     "digits": digits,
     "fashion_mnist": fashion_mnist,
     "folder": folder,
     "photos": photos,
+    "torchvision": torchvision_source,
 }
 
 
-def build_source(name: str, **kwargs: Any) -> DataSplits:
+def build_source(name: str, /, **kwargs: Any) -> DataSplits:
     """Build a source by name with its own keyword arguments."""
     if name not in SOURCES:
         raise FineTuneError(f"unknown data source '{name}'; choose one of {', '.join(SOURCES)}")
