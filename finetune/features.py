@@ -116,17 +116,11 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
             loader = DataLoader(self.images.datasets[split], batch_size=max(self.batch_size, 64), shuffle=False,
                                 num_workers=self.images.num_workers)
             for x, y in loader:
-                feats.append(self._features(x))
+                feats.append(self.module.forward_features(x.to(self.module.device)).float())
                 labels.append(y)
         self.extraction_time_s += time.perf_counter() - start
         self.module.train(self.module.training)  # the module's own policy for which parts stay in eval
         return TensorDataset(torch.cat(feats).cpu(), torch.cat(labels))
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.module.device)
-        if self.module.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.module.backbone(x).float()
 
     def dataset(self, split: str) -> TensorDataset:
         """The ``(features, labels)`` of ``split``, computed now if missing or stale."""

@@ -163,11 +163,13 @@ class FineTuneModule(pl.LightningModule):
         Features are what :class:`finetune.features.FeatureDataModule` feeds when the
         backbone is frozen throughout and its outputs were computed once.
         """
-        if x.ndim == 2:
-            return self.head(x)
+        return self.head(x if x.ndim == 2 else self.forward_features(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features ``(B, num_features)`` of images ``(B, C, H, W)``."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(x))
+        return self.backbone(x)
 
     def train(self, mode: bool = True) -> "FineTuneModule":
         super().train(mode)
