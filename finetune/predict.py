@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from finetune.data.images import is_image_file, load_image
-from finetune.data.scan import ON_BAD_IMAGE
+from finetune.data.scan import check_on_bad_image
 from finetune.data.transforms import eval_transform
 from finetune.errors import FineTuneError, run_command
 
@@ -224,8 +224,7 @@ def predict_images(
     on_bad_image: str = "error",
 ) -> tuple[list[tuple[Path, list[tuple[str, float]]]], list[tuple[Path, str]]]:
     """Top-k ``(class, probability)`` per readable image, and the unreadable images with why."""
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise FineTuneError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got '{on_bad_image}'")
+    check_on_bad_image(on_bad_image)
     names = class_names(module)
     k = min(topk, len(names))
     transform = prep.transform()
@@ -266,8 +265,7 @@ def run(argv: Sequence[str]) -> int:
         {"ckpt": "", "images": "", "out": "predictions.csv", "batch_size": 32, "topk": 5,
          "image_size": 0, "on_bad_image": "error"},
     )
-    if args["on_bad_image"] not in ON_BAD_IMAGE:
-        raise FineTuneError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got '{args['on_bad_image']}'")
+    check_on_bad_image(args["on_bad_image"])  # before the slow part: loading the checkpoint
     paths = collect_images(_image_specs(args["images"]))
     module, raw = load_checkpoint(args["ckpt"])
     prep = resolve_preprocessing(module, raw, args["ckpt"], args["image_size"] or None)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from finetune.data.augment import build_ops, resolve_augment
 from finetune.data.images import load_image
+from finetune.data.scan import check_on_bad_image
 from finetune.data.sources import DataSplits, Split, build_source
 from finetune.data.transforms import eval_transform, train_transform
 from finetune.errors import FineTuneError
@@ -183,9 +184,7 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         if sampler not in (None, "weighted"):
             raise FineTuneError(f"unknown sampler '{sampler}'; choose null or weighted (data.sampler)")
         self.sampler = sampler
-        if on_bad_image not in ("error", "skip"):
-            raise FineTuneError(f"on_bad_image must be error or skip, got '{on_bad_image}' (data.on_bad_image)")
-        self.on_bad_image = on_bad_image
+        self.on_bad_image = check_on_bad_image(on_bad_image)  # now, not when the data is first read
         self.bad_images: list[tuple[Path, str]] = []
         self._data: DataSplits | None = source if isinstance(source, DataSplits) else None
         self.datasets: dict[str, ImageDataset] = {}

@@ -19,9 +19,18 @@ from PIL import Image
 from finetune.data.sources import DataSplits, Split
 from finetune.errors import FineTuneError
 
-__all__ = ["ON_BAD_IMAGE", "check_split_images", "image_problem", "scan_images", "write_bad_images"]
+__all__ = [
+    "ON_BAD_IMAGE", "check_on_bad_image", "check_split_images", "image_problem", "scan_images", "write_bad_images",
+]
 
 ON_BAD_IMAGE = ("error", "skip")
+
+
+def check_on_bad_image(value: str) -> str:
+    """``value`` if it is a known ``on_bad_image`` policy; else a one-line error."""
+    if value not in ON_BAD_IMAGE:
+        raise FineTuneError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got '{value}'")
+    return value
 
 # Files may carry trailing data after JPEG's end-of-image marker (PIL reads them fine): look this far back.
 _TAIL = 64 * 1024
@@ -132,8 +141,7 @@ def check_split_images(splits: DataSplits, on_bad_image: str = "error") -> tuple
         The splits without the unreadable files (with a note saying so), and the files with
         why, for the caller to write with :func:`write_bad_images`.
     """
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise FineTuneError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got '{on_bad_image}'")
+    check_on_bad_image(on_bad_image)
     paths = [item for s in splits.splits.values() for item in s.items if isinstance(item, (str, os.PathLike))]
     bad = scan_images(paths)
     if not bad:

@@ -88,9 +88,7 @@ def digits(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2)
     bunch = load_digits()
     # Values are 0..16 ink intensity; scale to 8-bit and repeat into RGB.
     gray = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    images = np.repeat(gray[..., None], 3, axis=-1)
-    labels = bunch.target.astype(np.int64)
-    splits = _train_val_test(Split(list(images), labels), val_fraction, test_fraction, seed)
+    splits = _train_val_test(_rgb_split(gray, bunch.target.astype(np.int64)), val_fraction, test_fraction, seed)
     return DataSplits("digits", [str(i) for i in range(10)], splits)
 
 
