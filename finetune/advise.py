@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from finetune.errors import FineTuneError
+from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 
 __all__ = ["advise", "main", "recipe_overrides"]
 
@@ -39,7 +40,11 @@ def _size(counts: list[int], small_below: int) -> dict[str, Any]:
 
 
 def _measuring_model(cfg: DictConfig) -> tuple[torch.nn.Module, str, str]:
-    """The pretrained model that measures similarity, its name, and why it was chosen."""
+    """The pretrained model that measures similarity, its name, and why it was chosen.
+
+    It is headless (``reset_classifier(0)``) like a FineTuneModule's backbone, so when it is the
+    backbone its outputs are the features a ``head_only`` run trains on.
+    """
     from finetune.backbones import create_backbone
 
     name = cfg.advise.get("similarity_model") or cfg.backbone.name
@@ -51,11 +56,17 @@ def _measuring_model(cfg: DictConfig) -> tuple[torch.nn.Module, str, str]:
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         name, why = REFERENCE_MODEL, f"{cfg.backbone.name} has no BatchNorm statistics"
         model = create_backbone(name, pretrained=True).model
+    model.reset_classifier(0)
     return model, name, why
 
 
-def advise(cfg: DictConfig) -> dict[str, Any]:
+def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -> dict[str, Any]:
     """Measure the data of ``cfg`` and choose a recipe; see ``conf/advise/default.yaml`` for the knobs.
+
+    Args:
+        cfg: the composed config.
+        features: if given, the measured sample's backbone features are appended to it, for the
+            feature cache of the run that follows (``+recipe=auto``; see :class:`PrecomputedFeatures`).
 
     Returns:
         ``recipe``, ``size``, ``similarity``, ``reason``, ``measurements`` and ``thresholds``.
@@ -79,12 +90,26 @@ def advise(cfg: DictConfig) -> dict[str, Any]:
         )
 
     model, measured_with, why = _measuring_model(cfg)
+    # The backbone's memory format too, so reused features equal what the run would compute.
+    channels_last = measured_with == cfg.backbone.name and bool(cfg.backbone.get("channels_last", False))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     # The sample is preprocessed the way the measuring model was pretrained, at the data's size.
     measure_dm = ImageDataModule(dm.data, image_size=dm.image_size, backbone=measured_with)
     dataset = measure_dm.eval_dataset("train")
     idx = np.sort(np.random.default_rng(int(cfg.seed)).permutation(len(dataset))[:n])
-    batches = (x for x, _ in DataLoader(Subset(dataset, idx.tolist()), batch_size=64))
-    sim = measure_similarity(model, batches)
+    batches = (
+        x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        for x, _ in DataLoader(Subset(dataset, idx.tolist()), batch_size=64)
+    )
+    outputs: list[torch.Tensor] | None = [] if features is not None else None
+    sim = measure_similarity(model, batches, outputs)
+    if features is not None and outputs:
+        features.append(PrecomputedFeatures(
+            split="train", fingerprint=split_fingerprint(dm.data.splits["train"]),
+            data_config=measure_dm.data_config, digest=state_digest(model), channels_last=channels_last,
+            indices=tuple(int(i) for i in idx), features=torch.cat(outputs),
+        ))  # fmt: skip
     if sim.bn_divergence is None:
         raise FineTuneError(f"{measured_with} has no BatchNorm layers to measure similarity with")
 
@@ -122,10 +147,10 @@ def advise(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def advise_or_fallback(cfg: DictConfig) -> dict[str, Any]:
+def advise_or_fallback(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -> dict[str, Any]:
     """:func:`advise`, or ``advise.fallback`` with the reason when the data cannot be measured and the user allows it."""
     try:
-        return advise(cfg)
+        return advise(cfg, features)
     except FineTuneError as e:
         fallback = cfg.advise.get("fallback")
         if not fallback:

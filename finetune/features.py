@@ -10,18 +10,30 @@ model (backbone included) is still what checkpoints hold, so predictions take im
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from finetune.data.datamodule import ImageDataModule, SplitLoaders
+from finetune.data.sources import Split
 from finetune.errors import FineTuneError
 from finetune.module import FineTuneModule
 
-__all__ = ["FeatureDataModule", "cache_features_reason", "resolve_cache_features", "state_digest"]
+__all__ = [
+    "FeatureDataModule",
+    "PrecomputedFeatures",
+    "cache_features_reason",
+    "resolve_cache_features",
+    "split_fingerprint",
+    "state_digest",
+]
 
 
 def cache_features_reason(module: FineTuneModule, images: ImageDataModule) -> str | None:
@@ -54,6 +66,47 @@ def state_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def split_fingerprint(split: Split) -> str:
+    """A hash of a split's items (paths, or array bytes) and labels, in order."""
+    h = hashlib.sha1()
+    for item in split.items:
+        if isinstance(item, np.ndarray):
+            h.update(str(item.shape).encode())
+            h.update(np.ascontiguousarray(item).tobytes())
+        else:
+            h.update(os.fsencode(item))
+        h.update(b"\0")
+    h.update(np.asarray(split.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PrecomputedFeatures:
+    """Backbone features of some images of one split, computed before the cache was built.
+
+    ``+recipe=auto`` measures its sample with the backbone itself (see :mod:`finetune.advise`);
+    those forward passes are the features a ``head_only`` run needs. :class:`FeatureDataModule`
+    uses them only where everything they depend on still holds, and extracts the rest.
+
+    Attributes:
+        split: the split's name.
+        fingerprint: :func:`split_fingerprint` of the split they were computed on.
+        data_config: the eval preprocessing they went through (``ImageDataModule.data_config``).
+        digest: :func:`state_digest` of the backbone that computed them.
+        channels_last: whether that backbone ran channels-last.
+        indices: which images of the split, in the order of ``features``.
+        features: ``(len(indices), num_features)`` float32.
+    """
+
+    split: str
+    fingerprint: str
+    data_config: dict[str, Any]
+    digest: str
+    channels_last: bool
+    indices: tuple[int, ...]
+    features: torch.Tensor
+
+
 class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
     """The splits of an :class:`ImageDataModule` as backbone features of a frozen ``module``.
 
@@ -65,9 +118,17 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
         images: the image data; its eval pipeline preprocesses every split.
         module: the model whose backbone is frozen throughout.
         batch_size: training batch size (default: the image data's).
+        precomputed: features already computed for some images; used for the images they
+            cover when split, preprocessing, backbone weights and memory format all match.
     """
 
-    def __init__(self, images: ImageDataModule, module: FineTuneModule, batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        images: ImageDataModule,
+        module: FineTuneModule,
+        batch_size: int | None = None,
+        precomputed: Sequence[PrecomputedFeatures] = (),
+    ) -> None:
         super().__init__()
         reason = cache_features_reason(module, images)
         if reason:
@@ -76,7 +137,9 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
         self.module = module
         self.batch_size = batch_size or images.batch_size
         self._cache: dict[str, tuple[str, TensorDataset]] = {}
+        self.precomputed = list(precomputed)
         self.extraction_time_s = 0.0
+        self.reused_features = 0  # images whose features came from ``precomputed``
 
     # The image data's facts, so code that reports on a datamodule works with either.
     @property
@@ -105,22 +168,42 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.images.setup(stage)
 
+    def _usable(self, split: str, digest: str) -> dict[int, torch.Tensor]:
+        """Precomputed feature rows of ``split`` that this module and data would compute, by index."""
+        rows: dict[int, torch.Tensor] = {}
+        candidates = [p for p in self.precomputed if p.split == split and p.digest == digest
+                      and p.data_config == self.images.data_config
+                      and p.channels_last == self.module.channels_last]
+        if candidates:
+            fingerprint = split_fingerprint(self.images.data.splits[split])
+            for p in candidates:
+                if p.fingerprint == fingerprint:
+                    rows.update(zip(p.indices, p.features))
+        return rows
+
     @torch.no_grad()
-    def _extract(self, split: str) -> TensorDataset:
-        self.module.backbone.eval()
-        feats, labels = [], []
+    def _extract(self, split: str, digest: str) -> TensorDataset:
+        dataset = self.images.datasets[split]
+        known = self._usable(split, digest)
+        todo = [i for i in range(len(dataset)) if i not in known]
+        feats: list[torch.Tensor] = []
         start = time.perf_counter()
-        # Extraction draws nothing random, but iterating a DataLoader consumes the global RNG
-        # (its base seed): fork it so the shuffle order equals an uncached run's.
-        with torch.random.fork_rng(devices=[]):
-            loader = DataLoader(self.images.datasets[split], batch_size=max(self.batch_size, 64), shuffle=False,
-                                num_workers=self.images.num_workers)
-            for x, y in loader:
-                feats.append(self.module.forward_features(x.to(self.module.device)).float())
-                labels.append(y)
+        if todo:
+            self.module.backbone.eval()
+            # Extraction draws nothing random, but iterating a DataLoader consumes the global RNG
+            # (its base seed): fork it so the shuffle order equals an uncached run's.
+            with torch.random.fork_rng(devices=[]):
+                loader = DataLoader(Subset(dataset, todo), batch_size=max(self.batch_size, 64), shuffle=False,
+                                    num_workers=self.images.num_workers)
+                for x, _ in loader:
+                    feats.append(self.module.forward_features(x.to(self.module.device)).float().cpu())
+            self.module.train(self.module.training)  # the module's own policy for which parts stay in eval
         self.extraction_time_s += time.perf_counter() - start
-        self.module.train(self.module.training)  # the module's own policy for which parts stay in eval
-        return TensorDataset(torch.cat(feats).cpu(), torch.cat(labels))
+        self.reused_features += len(known)
+        new = dict(zip(todo, torch.cat(feats))) if feats else {}
+        features = torch.stack([known[i] if i in known else new[i] for i in range(len(dataset))])
+        labels = torch.as_tensor(np.asarray(dataset.split.labels), dtype=torch.long)
+        return TensorDataset(features, labels)
 
     def dataset(self, split: str) -> TensorDataset:
         """The ``(features, labels)`` of ``split``, computed now if missing or stale."""
@@ -128,7 +211,7 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
         digest = state_digest(self.module.backbone)
         cached = self._cache.get(split)
         if cached is None or cached[0] != digest:
-            self._cache[split] = (digest, self._extract(split))
+            self._cache[split] = (digest, self._extract(split, digest))
         return self._cache[split][1]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

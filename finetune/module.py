@@ -56,6 +56,19 @@ def _class_weight_tensor(class_weights: Sequence[float] | None, num_classes: int
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def _compile_kwargs(value: bool | str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``compile`` as ``torch.compile`` keyword arguments, or None for no compilation."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, str) and value:
+        return {"backend": value}  # timm's --torchcompile BACKEND
+    if isinstance(value, Mapping):
+        return dict(_plain(value))
+    raise FineTuneError(f"compile must be false, true, a backend name or a mapping of torch.compile arguments, got '{value}'")
+
+
 class FineTuneModule(pl.LightningModule):
     """Fine-tune an ImageNet-pretrained timm backbone with a new classification head.
 
@@ -83,6 +96,11 @@ class FineTuneModule(pl.LightningModule):
         channels_last: keep weights and inputs in channels-last memory format (timm's
             ``--channels-last``): faster convolutions on recent CPUs and GPUs.
         class_names: names of the classes, saved with the checkpoint.
+        compile: ``torch.compile`` the backbone in place (``nn.Module.compile``, so checkpoint keys
+            do not change): False, True for torch's defaults (the inductor backend), a backend
+            name, or ``torch.compile``'s keyword arguments (``{"backend": ..., "mode": ...}``). Not saved
+            with the checkpoint: it is a choice of how to train, and a module loaded for
+            predictions runs uncompiled unless compiled again.
     """
 
     def __init__(
@@ -104,12 +122,13 @@ class FineTuneModule(pl.LightningModule):
         class_weights: Sequence[float] | None = None,
         class_names: Sequence[str] | None = None,
         channels_last: bool = False,
+        compile: bool | str | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         spec = FreezeSpec.parse(_plain(freeze))
         head_cfg = {"name": head} if isinstance(head, str) else head_kwargs(_plain(head))
         head_cfg.setdefault("drop_rate", drop_rate)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["compile"])
         self.hparams["freeze"] = spec.to_dict()
         self.hparams["head"] = head_cfg
         if class_names is not None:
@@ -135,6 +154,9 @@ class FineTuneModule(pl.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        self.compile_kwargs = _compile_kwargs(compile)
+        if self.compile_kwargs is not None:
+            self.backbone.compile(**self.compile_kwargs)
 
         self.criterion = nn.CrossEntropyLoss(
             weight=_class_weight_tensor(class_weights, num_classes), label_smoothing=label_smoothing

@@ -56,35 +56,43 @@ def _gaussian_kl(mu_d: torch.Tensor, var_d: torch.Tensor, mu_p: torch.Tensor, va
 
 
 class _BNStats:
-    """Accumulates per-channel sums of each BatchNorm layer's input over batches."""
+    """Accumulates the per-channel mean and variance of each BatchNorm layer's input over batches.
+
+    Each batch's statistics are taken in the activations' own dtype (one fast pass) and merged
+    in float64 with Chan et al.'s parallel update; converting every activation to float64
+    first made measuring cost more than the forward passes themselves.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = {
             name: m for name, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
         }  # fmt: skip
-        self.sums: dict[str, list[torch.Tensor | float]] = {}
+        self.stats: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}  # name -> (n, mean, M2)
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in self.layers.items()]
 
     def _hook(self, name: str) -> Any:
         def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().double()
+            x = args[0].detach()
             dims = [d for d in range(x.ndim) if d != 1]
-            n = x.numel() / x.shape[1]
-            s = self.sums.setdefault(name, [0.0, 0.0, 0.0])
-            s[0] = s[0] + x.sum(dims)
-            s[1] = s[1] + (x * x).sum(dims)
-            s[2] = s[2] + n  # type: ignore[operator]
+            var_b, mean_b = torch.var_mean(x.float(), dim=dims, correction=0)
+            n_b = x.numel() / x.shape[1]
+            mean_b, m2_b = mean_b.double(), var_b.double() * n_b
+            if name not in self.stats:
+                self.stats[name] = (n_b, mean_b, m2_b)
+                return
+            n_a, mean_a, m2_a = self.stats[name]
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            self.stats[name] = (n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n))
 
         return hook
 
     def divergence(self) -> dict[str, float]:
         out = {}
-        for name, (s1, s2, n) in self.sums.items():
+        for name, (n, mu, m2) in self.stats.items():
             m = self.layers[name]
-            mu = s1 / n  # type: ignore[operator]
-            var = (s2 / n - mu * mu).clamp_min(0)  # type: ignore[operator]
-            kl = _gaussian_kl(mu, var, m.running_mean.double(), m.running_var.double())
+            kl = _gaussian_kl(mu, m2 / n, m.running_mean.double(), m.running_var.double())
             out[name] = float(kl.median())
         return out
 
@@ -94,14 +102,25 @@ class _BNStats:
 
 
 @torch.no_grad()
-def measure_similarity(model: nn.Module, batches: Iterable[torch.Tensor]) -> Similarity:
-    """Measure ``batches`` of images, preprocessed as for evaluation, with a pretrained timm ``model``."""
+def measure_similarity(
+    model: nn.Module, batches: Iterable[torch.Tensor], outputs: list[torch.Tensor] | None = None
+) -> Similarity:
+    """Measure ``batches`` of images, preprocessed as for evaluation, with a pretrained timm ``model``.
+
+    Args:
+        model: the measuring model; it runs in eval mode.
+        batches: image tensors ``(B, C, H, W)``.
+        outputs: if given, each batch's model output is appended to it, so a caller can reuse
+            the forward passes (a headless model's outputs are its pooled features).
+    """
     model.eval()
     stats = _BNStats(model)
     count = 0
     try:
         for x in batches:
-            model(x)
+            y = model(x)
+            if outputs is not None:
+                outputs.append(y.float())
             count += len(x)
     finally:
         stats.close()

@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from finetune.data import ImageDataModule
 from finetune.errors import FineTuneError
-from finetune.features import FeatureDataModule, resolve_cache_features
+from finetune.features import FeatureDataModule, PrecomputedFeatures, resolve_cache_features
 from finetune.heads import head_kwargs
 from finetune.module import FineTuneModule
 from finetune.report import print_summary
@@ -67,6 +67,10 @@ def _class_weights(
         raise FineTuneError(f"head.class_weights must be null, balanced or a list of floats, got {value}") from None
 
 
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
 def build_module(
     cfg: DictConfig,
     num_classes: int,
@@ -80,9 +84,7 @@ def build_module(
     b, h, o = cfg.backbone, cfg.head, cfg.optim
     if o.name != "adamw":
         raise FineTuneError(f"unknown optimizer '{o.name}'; choose adamw")
-    class_weights = h.get("class_weights")
-    if isinstance(class_weights, ListConfig):
-        class_weights = OmegaConf.to_container(class_weights, resolve=True)
+    class_weights = _plain(h.get("class_weights"))
     return FineTuneModule(
         backbone=b.name,
         num_classes=num_classes,
@@ -100,6 +102,7 @@ def build_module(
         class_weights=_class_weights(class_weights, class_names, class_counts),
         class_names=class_names,
         channels_last=b.get("channels_last", False),
+        compile=_plain(cfg.get("compile", False)),
     )
 
 
@@ -167,8 +170,14 @@ def _peak_memory_mb(trainer: pl.Trainer) -> dict[str, float]:
     return out
 
 
-def _follow_advice(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] | None) -> tuple[DictConfig, dict]:
-    """For ``+recipe=auto``: measure the data, write ``advice.json``, and compose the chosen recipe."""
+def _follow_advice(
+    cfg: DictConfig, run_dir: Path, overrides: Sequence[str] | None
+) -> tuple[DictConfig, dict, list[PrecomputedFeatures]]:
+    """For ``+recipe=auto``: measure the data, write ``advice.json``, and compose the chosen recipe.
+
+    Also returns the backbone features of the measured sample: a ``head_only`` recipe trains on
+    them instead of running the backbone over the same images again.
+    """
     from finetune.advise import advise_or_fallback, recipe_overrides
     from finetune.config import compose
 
@@ -178,10 +187,11 @@ def _follow_advice(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] | No
         if not HydraConfig.initialized():
             raise FineTuneError("+recipe=auto from Python needs train(cfg, run_dir, overrides=<the compose overrides>)")
         overrides = list(HydraConfig.get().overrides.task)
-    advice = advise_or_fallback(cfg)
+    features: list[PrecomputedFeatures] = []
+    advice = advise_or_fallback(cfg, features)
     (run_dir / "advice.json").write_text(json.dumps(advice, indent=2) + "\n")
     print(f"advice: {advice['recipe']}: {advice['reason']}", flush=True)
-    return compose(recipe_overrides(overrides, advice["recipe"])), advice
+    return compose(recipe_overrides(overrides, advice["recipe"])), advice, features
 
 
 def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None = None) -> dict[str, Any]:
@@ -202,8 +212,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     advice = None
+    precomputed: list[PrecomputedFeatures] = []
     if cfg.get("recipe") == "auto":
-        cfg, advice = _follow_advice(cfg, run_dir, overrides)
+        cfg, advice, precomputed = _follow_advice(cfg, run_dir, overrides)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -216,11 +227,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None 
 
         write_bad_images(dm.bad_images, run_dir / "bad_images.txt")
     # The preprocessing goes into the checkpoint, so predict/evaluate need nothing but the checkpoint.
-    model.hparams["data_config"] = {"image_size": dm.image_size, "mean": list(dm.mean), "std": list(dm.std),
-                                    "interpolation": dm.interpolation, "crop_pct": dm.crop_pct}
+    model.hparams["data_config"] = dm.data_config
     trainer, checkpoint = build_trainer(cfg, run_dir)
     cached = resolve_cache_features(cfg.get("cache_features", "auto"), model, dm)
-    fit_dm = FeatureDataModule(dm, model) if cached else dm
+    fit_dm = FeatureDataModule(dm, model, precomputed=precomputed) if cached else dm
 
     _reset_peak_memory()
     start = time.perf_counter()
@@ -261,6 +271,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None 
     }
     if isinstance(fit_dm, FeatureDataModule):
         metrics["feature_extraction_s"] = round(fit_dm.extraction_time_s, 2)
+        metrics["features_reused"] = fit_dm.reused_features  # images measured by the advice, not run again
     for stage, run in (("val", trainer.validate), ("test", trainer.test)):
         if stage == "test" and not dm.has_test:
             continue

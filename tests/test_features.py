@@ -81,3 +81,54 @@ def test_cached_features_keep_the_weighted_sampler() -> None:
     loader = FeatureDataModule(dm, module).train_dataloader()
     assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
     assert list(loader.sampler) == list(dm.train_dataloader().sampler)  # the same seeded draws
+
+
+PHOTOS = ["data=photos", "data.per_class=12", "data.image_size=64", "trainer.enable_progress_bar=false"]
+
+
+def test_auto_trains_on_the_features_its_advice_measured(tmp_path: Path) -> None:
+    overrides = ["+recipe=auto", *PHOTOS, "trainer.max_epochs=2"]
+    m = train(compose(overrides), tmp_path, overrides=overrides)
+    assert m["advised_recipe"] == "small_similar" and m["cached_features"]
+    assert m["features_reused"] == m["split_sizes"]["train"] == 30  # no train image ran through the backbone twice
+
+
+@pytest.mark.parametrize("sample_size", [256, 20], ids=["whole-split", "part"])
+def test_reused_features_equal_extracted_ones(sample_size: int) -> None:
+    from finetune.advise import advise
+    from finetune.train import build_datamodule, build_module
+
+    cfg = compose([*PHOTOS, "freeze=head_only", "augment=none", f"advise.sample_size={sample_size}"])
+    measured: list = []
+    advise(cfg, measured)
+    assert len(measured) == 1 and len(measured[0].indices) == min(sample_size, 30)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.num_classes)
+    reused = FeatureDataModule(dm, module, precomputed=measured)
+    fresh = FeatureDataModule(build_datamodule(cfg), module)
+    assert reused.dataset("train").tensors[0].shape == fresh.dataset("train").tensors[0].shape
+    torch.testing.assert_close(reused.dataset("train").tensors[0], fresh.dataset("train").tensors[0],
+                               rtol=1e-4, atol=1e-5)
+    assert torch.equal(reused.dataset("train").tensors[1], fresh.dataset("train").tensors[1])
+    assert reused.reused_features == len(measured[0].indices) and fresh.reused_features == 0
+
+
+def test_features_of_other_images_or_weights_are_not_reused() -> None:
+    from finetune.advise import advise
+    from finetune.train import build_datamodule, build_module
+
+    cfg = compose([*PHOTOS, "freeze=head_only", "augment=none"])
+    measured: list = []
+    advise(cfg, measured)
+    other_split = compose([*PHOTOS, "freeze=head_only", "augment=none", "seed=7"])
+    dm = build_datamodule(other_split)
+    feats = FeatureDataModule(dm, build_module(cfg, dm.num_classes), precomputed=measured)
+    feats.dataset("train")
+    assert feats.reused_features == 0
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.num_classes)
+    with torch.no_grad():
+        next(module.backbone.parameters()).add_(0.01)
+    feats = FeatureDataModule(dm, module, precomputed=measured)
+    feats.dataset("train")
+    assert feats.reused_features == 0

@@ -216,6 +216,12 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         return {name: s.class_counts(self.num_classes) for name, s in self.data.splits.items()}
 
     @property
+    def data_config(self) -> dict[str, Any]:
+        """The eval preprocessing, in timm's ``data_config`` names (saved in checkpoints for predict)."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "crop_pct": self.crop_pct}
+
+    @property
     def train_is_deterministic(self) -> bool:
         """Whether train images are preprocessed the same way every epoch (``augment=none``)."""
         return self.augment["name"] == "none"
@@ -223,7 +229,7 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        eval_t = eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+        eval_t = self._eval_transform()
         train_t = eval_t if self.train_is_deterministic else train_transform(
             self.image_size, self.mean, self.std, self.scale, self.ratio, self.hflip, self.interpolation,
             extra=build_ops(self.augment["ops"]),
@@ -234,10 +240,12 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         for name, split in self.data.splits.items():
             self.datasets[name] = ImageDataset(split, train_t if name == "train" else eval_t)
 
+    def _eval_transform(self) -> Any:
+        return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+
     def eval_dataset(self, name: str) -> ImageDataset:
         """Split ``name`` through the deterministic eval pipeline (for measuring, not training)."""
-        t = eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
-        return ImageDataset(self.data.splits[name], t)
+        return ImageDataset(self.data.splits[name], self._eval_transform())
 
     def train_sampler(self) -> WeightedRandomSampler | None:
         """The train split's sampler for ``sampler="weighted"`` (None: plain shuffling)."""
