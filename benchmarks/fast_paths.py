@@ -1,6 +1,6 @@
 """Fast paths against the plain alternatives, measured side by side in one run.
 
-    python benchmarks/fast_paths.py [--steps 40] [--epochs 5] [--skip-photos]
+    python benchmarks/fast_paths.py [--steps 40] [--epochs 5] [--parts overhead,cached,photos,compile]
 
 1. Overhead: FineTuneModule trained by Lightning's Trainer against a hand-written PyTorch loop
    with the same model, data, optimizer, schedule and number of steps (digits, lite0, 64 px,
@@ -10,7 +10,10 @@
    Target: at least 20x per epoch after the first.
 3. Time to accuracy on natural photographs: ``+recipe=auto`` on a folder of photo crops at 224 px
    (advice, training, evaluation) against one feature-extraction pass over the same images, and
-   its test accuracy against a logistic-regression probe on the same frozen features.
+   its val accuracy against a logistic-regression probe on the same frozen features and split.
+4. ``compile=true`` (torch.compile, inductor) against eager: seconds per full fine-tuning step
+   (lite0, ``freeze=none``, 128 px) and per inference batch, after warm-up; the first step's
+   time, which includes compilation, is reported separately.
 
 Each part runs in its own fresh process (one after another, in this one invocation), so one part's
 warm caches and memory do not flatter the next. Writes ``results/fast_paths.json`` and prints a table.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import time
 from pathlib import Path
@@ -164,11 +168,54 @@ def photos(args: argparse.Namespace) -> dict[str, Any]:
         "auto_recipe": metrics.get("advised_recipe"),
         "auto_total_s": auto_s,
         "auto_val_acc": metrics["val_acc"],
+        "auto_features_reused": metrics.get("features_reused"),
+        "auto_feature_extraction_s": metrics.get("feature_extraction_s"),
+        "auto_train_time_s": metrics["train_time_s"],
         "extraction_pass_s": extract_s,
         "time_ratio": auto_s / extract_s,
         "logreg_val_acc": float(np.mean(probe.predict(x_va) == y_va)),
         "threads": torch.get_num_threads(),
     }
+
+
+def compiled(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from finetune import FineTuneModule
+
+    torch.manual_seed(0)
+    x = torch.randn(args.compile_batch, 3, 128, 128)
+    y = torch.randint(0, 10, (args.compile_batch,))
+    out: dict[str, Any] = {"batch": args.compile_batch, "image_size": 128, "steps": args.compile_steps}
+    for name, setting in (("eager", False), ("compiled", True)):
+        module = FineTuneModule("tf_efficientnet_lite0", num_classes=10, freeze="none", compile=setting)
+        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+
+        def step() -> None:
+            module.train()
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(module(x), y).backward()
+            opt.step()
+
+        @torch.no_grad()
+        def infer() -> None:
+            module.eval()
+            module(x)
+
+        row: dict[str, float] = {}
+        for what, fn in (("train", step), ("infer", infer)):
+            start = time.perf_counter()
+            fn()
+            row[f"{what}_first_s"] = time.perf_counter() - start
+            fn()
+            start = time.perf_counter()
+            for _ in range(args.compile_steps):
+                fn()
+            row[f"{what}_s"] = (time.perf_counter() - start) / args.compile_steps
+        out[name] = row
+    out["train_speedup"] = out["eager"]["train_s"] / out["compiled"]["train_s"]
+    out["infer_speedup"] = out["eager"]["infer_s"] / out["compiled"]["infer_s"]
+    return out
 
 
 def _child(fn: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace, q: mp.Queue) -> None:
@@ -191,26 +238,43 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--photos-per-class", type=int, default=60)
-    p.add_argument("--skip-photos", action="store_true")
+    p.add_argument("--compile-steps", type=int, default=10)
+    p.add_argument("--compile-batch", type=int, default=32)
+    p.add_argument("--parts", default="overhead,cached,photos,compile",
+                   help="comma-separated parts to run (the JSON keeps earlier results of parts not run)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "fast_paths.json"))
     args = p.parse_args()
 
-    results: dict[str, Any] = {"machine": f"{platform.machine()} {platform.processor()}".strip(),
-                               "args": vars(args)}
-    results["overhead"] = o = _run(overhead, args)
-    print(f"Lightning vs plain loop, {o['steps']} steps: {o['best_s']['lightning']:.2f} s vs "
-          f"{o['best_s']['plain']:.2f} s, ratio {o['ratio']:.3f} (target <= 1.10)", flush=True)
-    results["cached"] = c = _run(cached, args)
-    print("head_only per epoch, uncached: " + " ".join(f"{t:.2f}" for t in c["uncached_epoch_s"]) + " s", flush=True)
-    print("head_only per epoch, cached:   " + " ".join(f"{t:.2f}" for t in c["cached_epoch_s"]) + " s", flush=True)
-    print(f"cached speed-up: {c['ratio_after_first']:.1f}x per epoch after the first (target >= 20), "
-          f"{c['ratio_total']:.1f}x over all {args.epochs}", flush=True)
-    if not args.skip_photos:
+    parts = set(args.parts.split(","))
+    out = Path(args.out)
+    results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    results.update({"machine": f"{platform.machine()} {platform.processor()}".strip(),
+                    "cpus": os.cpu_count(), "args": vars(args)})
+    if "overhead" in parts:
+        results["overhead"] = o = _run(overhead, args)
+        print(f"Lightning vs plain loop, {o['steps']} steps: {o['best_s']['lightning']:.2f} s vs "
+              f"{o['best_s']['plain']:.2f} s, ratio {o['ratio']:.3f} (target <= 1.10)", flush=True)
+    if "cached" in parts:
+        results["cached"] = c = _run(cached, args)
+        print("head_only per epoch, uncached: " + " ".join(f"{t:.2f}" for t in c["uncached_epoch_s"]) + " s",
+              flush=True)
+        print("head_only per epoch, cached:   " + " ".join(f"{t:.2f}" for t in c["cached_epoch_s"]) + " s",
+              flush=True)
+        print(f"cached speed-up: {c['ratio_after_first']:.1f}x per epoch after the first (target >= 20), "
+              f"{c['ratio_total']:.1f}x over all {args.epochs}", flush=True)
+    if "photos" in parts:
         results["photos"] = ph = _run(photos, args)
         print(f"photos ({ph['images']} crops, 224 px): +recipe=auto ({ph['auto_recipe']}) {ph['auto_total_s']:.1f} s "
-              f"= {ph['time_ratio']:.2f}x one extraction pass ({ph['extraction_pass_s']:.1f} s); val top-1 "
-              f"{100 * ph['auto_val_acc']:.2f}% vs logistic regression {100 * ph['logreg_val_acc']:.2f}%", flush=True)
-    out = Path(args.out)
+              f"= {ph['time_ratio']:.2f}x one extraction pass ({ph['extraction_pass_s']:.1f} s; target about 2x); "
+              f"val top-1 {100 * ph['auto_val_acc']:.2f}% vs logistic regression {100 * ph['logreg_val_acc']:.2f}%",
+              flush=True)
+    if "compile" in parts:
+        results["compile"] = cp = _run(compiled, args)
+        e, c2 = cp["eager"], cp["compiled"]
+        print(f"compile=true vs eager (lite0, freeze=none, batch {cp['batch']}, 128 px): train step "
+              f"{c2['train_s']:.3f} vs {e['train_s']:.3f} s ({cp['train_speedup']:.2f}x; first step "
+              f"{c2['train_first_s']:.1f} s vs {e['train_first_s']:.1f} s), inference {c2['infer_s']:.3f} vs "
+              f"{e['infer_s']:.3f} s ({cp['infer_speedup']:.2f}x)", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written {out}")

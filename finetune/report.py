@@ -26,7 +26,8 @@ def print_summary(
         + ", ".join(f"{k} {v}" for k, v in m["split_sizes"].items()),
         f"freeze      {m['freeze']}  trainable {m['trainable_params']:,} of {m['total_params']:,} params "
         f"({100 * m['trainable_params'] / max(1, m['total_params']):.1f}%)",
-        f"training    {m['epochs']} epochs in {m['train_time_s']:.1f} s",
+        f"training    {m['epochs']} epochs in {m['train_time_s']:.1f} s, precision {m.get('precision', '-')}"
+        + (", cached features" if m.get("cached_features") else ""),
         f"val         top-1 {_pct(m.get('val_acc'))}   top-5 {_pct(m.get('val_top5'))}",
     ]
     if "test_acc" in m:

@@ -126,6 +126,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, ModelChec
     return trainer, checkpoint
 
 
+# Lightning's short precision names and the names it reports them by.
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
 def _epoch_rows(metrics_csv: Path) -> list[dict[str, str]]:
     """Lightning's CSV log has a row per logging event; merge them into one row per epoch."""
     if not metrics_csv.exists():
@@ -269,6 +273,14 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None 
         "augment": dm.augment["name"],
         "cached_features": cached,
     }
+    # Lightning trains 16-mixed on a CPU as bf16-mixed (fp16 autocast needs a GPU): report what ran.
+    metrics["precision"] = str(trainer.precision)
+    notes = list(dm.data.notes)
+    asked = _PRECISION_ALIASES.get(str(cfg.trainer.get("precision")), str(cfg.trainer.get("precision")))
+    if metrics["precision"] != asked:
+        metrics["precision_asked"] = asked
+        notes.append(f"trainer.precision={asked} was asked; Lightning trained with {metrics['precision']} "
+                     f"on {trainer.strategy.root_device.type}")
     if isinstance(fit_dm, FeatureDataModule):
         metrics["feature_extraction_s"] = round(fit_dm.extraction_time_s, 2)
         metrics["features_reused"] = fit_dm.reused_features  # images measured by the advice, not run again
@@ -282,5 +294,5 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] | None 
         metrics[f"{stage}_loss"] = round(float(result[f"{stage}/loss"]), 5)
 
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print_summary(metrics, run_dir, dm.class_counts(), dm.data.notes)
+    print_summary(metrics, run_dir, dm.class_counts(), notes)
     return metrics

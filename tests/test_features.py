@@ -72,7 +72,15 @@ def test_new_backbone_weights_invalidate_the_cache() -> None:
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path, extra: list[str]) -> None:
     m = train(compose([*TINY, "trainer.max_epochs=1", "trainer.precision=bf16-mixed", *extra]), tmp_path)
     assert m["cached_features"] == (extra == ["augment=none"])
+    assert m["precision"] == "bf16-mixed" and "precision_asked" not in m
     assert 0.0 <= m["val_acc"] <= 1.0 and m["val_loss"] == m["val_loss"]  # not NaN
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, 16-mixed is what Lightning trains with")
+def test_fp16_asked_on_a_cpu_is_reported_as_what_lightning_trained_with(tmp_path: Path, capsys) -> None:
+    m = train(compose([*TINY, "trainer.max_epochs=1", "trainer.precision=16-mixed", "augment=none"]), tmp_path)
+    assert (m["precision"], m["precision_asked"]) == ("bf16-mixed", "16-mixed")
+    assert "trainer.precision=16-mixed was asked; Lightning trained with bf16-mixed on cpu" in capsys.readouterr().out
 
 
 def test_cached_features_keep_the_weighted_sampler() -> None:
