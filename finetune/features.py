@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset

@@ -66,7 +66,9 @@ def _compile_kwargs(value: bool | str | Mapping[str, Any] | None) -> dict[str, A
         return {"backend": value}  # timm's --torchcompile BACKEND
     if isinstance(value, Mapping):
         return dict(_plain(value))
-    raise FineTuneError(f"compile must be false, true, a backend name or a mapping of torch.compile arguments, got '{value}'")
+    raise FineTuneError(
+        f"compile must be false, true, a backend name or a mapping of torch.compile arguments, got '{value}'"
+    )
 
 
 class FineTuneModule(pl.LightningModule):

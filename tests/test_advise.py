@@ -97,3 +97,27 @@ def test_auto_recipe_measures_then_trains_with_the_chosen_recipe(tmp_path: Path)
     # From Python, auto needs the overrides to recompose.
     with pytest.raises(FineTuneError, match="overrides"):
         train(compose(["+recipe=auto"]), tmp_path / "py")
+
+
+def test_batchnorm_statistics_merged_over_batches_equal_one_pass() -> None:
+    from finetune.similarity import _BNStats
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(24, 4, 8, 8) * 3 + 1.5
+    whole = _BNStats(bn)
+    with torch.no_grad():
+        bn(x)
+    whole.close()
+    parts = _BNStats(bn)
+    with torch.no_grad():
+        for chunk in torch.split(x, [5, 11, 8]):
+            bn(chunk)
+    parts.close()
+    n, mean, m2 = parts.stats[""]  # a bare BatchNorm module is named ""
+    ref = x.double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(mean, ref.mean(1))
+    torch.testing.assert_close(m2 / n, ref.var(1, correction=0))
+    assert parts.divergence() == pytest.approx(whole.divergence(), rel=1e-6)
