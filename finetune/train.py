@@ -67,10 +67,6 @@ def _class_weights(
         raise FineTuneError(f"head.class_weights must be null, balanced or a list of floats, got {value}") from None
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
 def build_module(
     cfg: DictConfig,
     num_classes: int,
@@ -84,7 +80,9 @@ def build_module(
     b, h, o = cfg.backbone, cfg.head, cfg.optim
     if o.name != "adamw":
         raise FineTuneError(f"unknown optimizer '{o.name}'; choose adamw")
-    class_weights = _plain(h.get("class_weights"))
+    class_weights = h.get("class_weights")
+    if isinstance(class_weights, ListConfig):
+        class_weights = OmegaConf.to_container(class_weights, resolve=True)
     return FineTuneModule(
         backbone=b.name,
         num_classes=num_classes,
@@ -102,7 +100,7 @@ def build_module(
         class_weights=_class_weights(class_weights, class_names, class_counts),
         class_names=class_names,
         channels_last=b.get("channels_last", False),
-        compile=_plain(cfg.get("compile", False)),
+        compile=cfg.get("compile", False),  # a DictConfig of torch.compile arguments is a Mapping
     )
 
 
