@@ -167,24 +167,25 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.images.setup(stage)
 
-    def _usable(self, split: str, digest: str) -> dict[int, torch.Tensor]:
-        """Precomputed feature rows of ``split`` that this module and data would compute, by index."""
-        rows: dict[int, torch.Tensor] = {}
+    def _usable(self, split: str, digest: str) -> tuple[list[int], torch.Tensor | None]:
+        """Indices of ``split`` with precomputed features that this module and data would compute, and those rows."""
         candidates = [p for p in self.precomputed if p.split == split and p.digest == digest
                       and p.data_config == self.images.data_config
                       and p.channels_last == self.module.channels_last]
         if candidates:
             fingerprint = split_fingerprint(self.images.data.splits[split])
-            for p in candidates:
-                if p.fingerprint == fingerprint:
-                    rows.update(zip(p.indices, p.features))
-        return rows
+            candidates = [p for p in candidates if p.fingerprint == fingerprint]
+        if not candidates:
+            return [], None
+        return [i for p in candidates for i in p.indices], torch.cat([p.features for p in candidates])
 
     @torch.no_grad()
     def _extract(self, split: str, digest: str) -> TensorDataset:
         dataset = self.images.datasets[split]
-        known = self._usable(split, digest)
-        todo = [i for i in range(len(dataset)) if i not in known]
+        known, known_rows = self._usable(split, digest)
+        is_known = torch.zeros(len(dataset), dtype=torch.bool)
+        is_known[known] = True
+        todo = (~is_known).nonzero().flatten().tolist()
         feats: list[torch.Tensor] = []
         start = time.perf_counter()
         if todo:
@@ -198,9 +199,14 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
                     feats.append(self.module.forward_features(x.to(self.module.device)).float().cpu())
             self.module.train(self.module.training)  # the module's own policy for which parts stay in eval
         self.extraction_time_s += time.perf_counter() - start
-        self.reused_features += len(known)
-        new = dict(zip(todo, torch.cat(feats))) if feats else {}
-        features = torch.stack([known[i] if i in known else new[i] for i in range(len(dataset))])
+        self.reused_features += int(is_known.sum())
+        if known_rows is None:
+            features = torch.cat(feats)  # nothing precomputed: the rows are already in order
+        else:
+            features = torch.empty(len(dataset), known_rows.shape[1])
+            features[known] = known_rows
+            if feats:
+                features[todo] = torch.cat(feats)
         labels = torch.as_tensor(np.asarray(dataset.split.labels), dtype=torch.long)
         return TensorDataset(features, labels)
 
