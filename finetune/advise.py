@@ -9,8 +9,8 @@ only prints the advice (JSON on stdout).
 from __future__ import annotations
 
 import json
-import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,10 +18,10 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from finetune.errors import FineTuneError
+from finetune.errors import FineTuneError, run_command
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 
-__all__ = ["advise", "main", "recipe_overrides"]
+__all__ = ["advise", "advise_or_fallback", "follow_advice", "main", "recipe_overrides"]
 
 # Measures similarity when the backbone cannot: it has BatchNorm and installs offline.
 REFERENCE_MODEL = "tf_efficientnet_lite0"
@@ -71,9 +71,9 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     Returns:
         ``recipe``, ``size``, ``similarity``, ``reason``, ``measurements`` and ``thresholds``.
     """
+    from finetune.builders import build_datamodule
     from finetune.data import ImageDataModule
     from finetune.similarity import measure_similarity
-    from finetune.train import build_datamodule
 
     a = cfg.advise
     start = time.perf_counter()
@@ -165,18 +165,42 @@ def recipe_overrides(overrides: Sequence[str], recipe: str) -> list[str]:
     return [*kept, f"+recipe={recipe}"]
 
 
+def follow_advice(
+    cfg: DictConfig, overrides: Sequence[str], run_dir: str | Path
+) -> tuple[DictConfig, dict[str, Any], list[PrecomputedFeatures]]:
+    """For ``+recipe=auto``: measure the data, write ``advice.json``, and compose the chosen recipe.
+
+    Args:
+        cfg: the config composed with ``overrides`` (``recipe: auto``).
+        overrides: those overrides; the chosen recipe replaces ``+recipe=auto`` among them.
+        run_dir: where ``advice.json`` goes.
+
+    Returns:
+        The config to train, the entries ``metrics.json`` gets (``recipe: auto``, the advised recipe
+        and why), and the backbone features of the measured sample: a ``head_only`` recipe trains on
+        them instead of running the backbone over the same images again.
+    """
+    from finetune.config import compose
+
+    features: list[PrecomputedFeatures] = []
+    advice = advise_or_fallback(cfg, features)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "advice.json").write_text(json.dumps(advice, indent=2) + "\n")
+    print(f"advice: {advice['recipe']}: {advice['reason']}", flush=True)
+    chosen = compose(recipe_overrides(overrides, advice["recipe"]))
+    extra = {"recipe": "auto", "advised_recipe": advice["recipe"], "advice": advice["reason"]}
+    return chosen, extra, features
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m finetune.advise [data=... backbone=... advise.KEY=VALUE]``: the advice as JSON, no training."""
     from finetune.config import compose
 
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = compose(args)
-        advice = advise_or_fallback(cfg)
-    except FineTuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(advice, indent=2))
+    def command(args: list[str]) -> None:
+        print(json.dumps(advise_or_fallback(compose(args)), indent=2))
+
+    run_command(command, argv)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,145 @@
-"""Config -> objects. A leaf: nothing here imports a module that imports it (see tests/test_architecture.py)."""
+"""Config -> objects: the data, the module, the trainer (with its callbacks and logger).
+
+A leaf below ``train``, ``advise``, ``evaluate`` and ``predict``: nothing here imports a module
+that imports it (tests/test_architecture.py walks the import graph).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.data import ImageDataModule
 from finetune.errors import FineTuneError
+from finetune.features import FeatureDataModule, PrecomputedFeatures, resolve_cache_features
+from finetune.module import FineTuneModule
 
-__all__ = ["build_datamodule"]
+__all__ = [
+    "balanced_class_weights", "build_callbacks", "build_datamodule", "build_fit_datamodule", "build_logger",
+    "build_module", "build_trainer", "check_run_config",
+]
+
+_EVALUATE = ("last", "best")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Values the types cannot check, before anything slow runs."""
+    if cfg.evaluate not in _EVALUATE:
+        raise FineTuneError(f"evaluate must be one of {', '.join(_EVALUATE)}, got '{cfg.evaluate}'")
+    callbacks = {k: v for k, v in (_plain(cfg.callbacks) or {}).items() if v}
+    targets = [str(v.get("_target_", "")) for v in callbacks.values()]
+    if not any(t.endswith("RunRecorder") for t in targets):
+        raise FineTuneError("callbacks has no RunRecorder (finetune.callbacks.RunRecorder): a run needs it to report")
+    if cfg.evaluate == "best" and not any(v.get("monitor") for v in callbacks.values()):
+        raise FineTuneError("evaluate=best needs a checkpoint callback with a monitor (callbacks.best_checkpoint)")
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
-    """The DataModule of ``cfg.data``, preprocessed for ``cfg.backbone.name``."""
-    kwargs = OmegaConf.to_container(cfg.data, resolve=True)
-    augment = OmegaConf.to_container(cfg.augment, resolve=True) if "augment" in cfg else None
+    """The DataModule of ``cfg.data`` and ``cfg.augment``, preprocessed for ``cfg.backbone.name``."""
+    return ImageDataModule(backbone=cfg.backbone.name, seed=cfg.seed, augment=_plain(cfg.augment), **_plain(cfg.data))
+
+
+def balanced_class_weights(counts: Sequence[int], class_names: Sequence[str] | None = None) -> list[float]:
+    """scikit-learn's ``balanced``: ``n_samples / (n_classes * count_c)``, so each class weighs the same in total."""
+    for c, n in enumerate(counts):
+        if n <= 0:
+            name = class_names[c] if class_names else str(c)
+            raise FineTuneError(f"loss.class_weights=balanced: class '{name}' has no training images")
+    total = sum(counts)
+    return [total / (len(counts) * n) for n in counts]
+
+
+def _class_weights(value: Any, dm: ImageDataModule) -> list[float] | None:
+    if value is None:
+        return None
+    if value == "balanced":
+        return balanced_class_weights(dm.class_counts()["train"], dm.classes)
+    if isinstance(value, str):
+        raise FineTuneError(f"loss.class_weights must be null, balanced or a list of floats, got '{value}'")
     try:
-        return ImageDataModule(backbone=cfg.backbone.name, seed=cfg.seed, augment=augment, **kwargs)  # type: ignore[arg-type]
-    except TypeError as e:
-        raise FineTuneError(f"bad data config: {e}") from None
+        return [float(w) for w in value]
+    except (TypeError, ValueError):
+        raise FineTuneError(f"loss.class_weights must be null, balanced or a list of floats, got {value}") from None
+
+
+def build_module(cfg: DictConfig, dm: ImageDataModule) -> FineTuneModule:
+    """The FineTuneModule of ``cfg.backbone``, ``cfg.freeze``, ``cfg.head``, ``cfg.optim`` and ``cfg.loss`` for ``dm``."""
+    b, o = cfg.backbone, cfg.optim
+    model = FineTuneModule(
+        backbone=b.name,
+        num_classes=dm.num_classes,
+        pretrained=b.pretrained,
+        weights=b.weights,
+        freeze=_plain(cfg.freeze),
+        head=_plain(cfg.head),
+        lr=o.lr,
+        backbone_lr_mult=o.backbone_lr_mult,
+        layer_decay=o.layer_decay,
+        weight_decay=o.weight_decay,
+        optimizer=_plain(o.optimizer),
+        scheduler=_plain(o.scheduler),
+        label_smoothing=cfg.loss.label_smoothing,
+        class_weights=_class_weights(_plain(cfg.loss.class_weights), dm),
+        class_names=dm.classes,
+        channels_last=b.channels_last,
+        compile=_plain(cfg.compile),
+    )
+    # The preprocessing goes into the checkpoint, so predict/evaluate need nothing but the checkpoint.
+    model.hparams["data_config"] = dm.data_config
+    return model
+
+
+def build_fit_datamodule(
+    cfg: DictConfig, dm: ImageDataModule, model: FineTuneModule, precomputed: Sequence[PrecomputedFeatures] = ()
+) -> ImageDataModule | FeatureDataModule:
+    """What the trainer fits on: cached backbone features when ``cache_features`` allows, else the images."""
+    cached = resolve_cache_features(cfg.cache_features, model, dm)
+    return FeatureDataModule(dm, model, precomputed=precomputed) if cached else dm
+
+
+def _instantiate(name: str, node: Mapping[str, Any], run_dir: Path) -> Any:
+    from hydra.utils import instantiate
+
+    node = dict(node)
+    for key in ("dirpath", "save_dir"):  # relative output paths are inside the run directory
+        if isinstance(node.get(key), str) and not Path(node[key]).expanduser().is_absolute():
+            node[key] = str(run_dir / node[key])
+    try:
+        return instantiate(node, _convert_="all")
+    except Exception as e:  # noqa: BLE001 - a bad _target_ or argument is the user's to fix
+        cause = e.__cause__ or e
+        raise FineTuneError(f"{name}: {(str(cause).strip().splitlines() or [type(cause).__name__])[0]}") from None
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
+    """``cfg.callbacks`` (name -> ``_target_`` object; null entries skipped), built."""
+    nodes = _plain(cfg.get("callbacks")) or {}
+    return [_instantiate(f"callbacks.{k}", v, run_dir) for k, v in nodes.items() if v is not None]
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    """``cfg.logger`` built (a ``_target_`` object, a mapping of them, or null/false for none)."""
+    node = _plain(cfg.get("logger"))
+    if not node:
+        return False
+    if "_target_" in node:
+        return _instantiate("logger", node, run_dir)
+    return [_instantiate(f"logger.{k}", v, run_dir) for k, v in node.items() if v is not None]
+
+
+def build_trainer(cfg: DictConfig, run_dir: str | Path) -> pl.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` (Trainer's own argument names) writing into ``run_dir``."""
+    run_dir = Path(run_dir)
+    kwargs: dict[str, Any] = _plain(cfg.trainer)
+    try:
+        return pl.Trainer(default_root_dir=run_dir, logger=build_logger(cfg, run_dir),
+                          callbacks=build_callbacks(cfg, run_dir), **kwargs)
+    except TypeError as e:  # an argument Trainer does not take, e.g. +trainer.max_epoch=1
+        raise FineTuneError(f"trainer: {e}") from None

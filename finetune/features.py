@@ -38,7 +38,7 @@ __all__ = [
 def cache_features_reason(module: FineTuneModule, images: ImageDataModule) -> str | None:
     """Why features cannot be cached for this module and data; None when they can."""
     if not module.freeze_plan.backbone_frozen_throughout:
-        return f"the backbone trains (freeze={module.freeze_spec.name}); caching needs freeze=head_only"
+        return f"the backbone trains (freeze={module.strategy.name}); caching needs freeze=head_only"
     if not images.train_is_deterministic:
         return f"train images are augmented (augment={images.augment['name']}); caching needs augment=none"
     return None

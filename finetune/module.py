@@ -15,10 +15,13 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import create_backbone
+from finetune.callbacks import FreezeSchedule
+from finetune.config import BackboneConfig, LossConfig, OptimConfig
 from finetune.errors import FineTuneError
-from finetune.freezing import FreezePlan, FreezeSpec, set_frozen_norms_eval
-from finetune.heads import build_head, head_kwargs
-from finetune.optim import build_scheduler, param_groups
+from finetune.freezing import FreezePlan, set_frozen_norms_eval
+from finetune.heads import build_head, head_config
+from finetune.optim import param_groups
+from finetune.strategies import FreezeStrategy, get_strategy
 
 __all__ = ["FineTuneModule"]
 
@@ -35,9 +38,23 @@ def _plain(value: Any) -> Any:
     """Hyperparameters as plain Python data, so checkpoints load with weights_only."""
     if isinstance(value, DictConfig):
         return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, FreezeSpec):
+    if isinstance(value, FreezeStrategy):
         return value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _instantiate(cfg: Mapping[str, Any], what: str) -> Any:
+    """``hydra.utils.instantiate`` with the error's first line as a FineTuneError (a bad _target_ is user input)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(dict(cfg), _convert_="all")
+    except Exception as e:  # noqa: BLE001 - hydra wraps the real error
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise FineTuneError(f"{what}: {first}") from None
 
 
 def _class_weight_tensor(class_weights: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
@@ -81,20 +98,22 @@ class FineTuneModule(pl.LightningModule):
         num_classes: classes of the new head.
         pretrained: start from pretrained weights (see :mod:`finetune.backbones`).
         weights: explicit pretrained weights file.
-        freeze: strategy name (see :class:`FreezeSpec`), a :class:`FreezeSpec`, or a mapping.
-        head: ``linear``, ``mlp``, or a mapping of :func:`finetune.heads.build_head` arguments.
+        freeze: strategy name (``finetune.strategies.STRATEGIES``), a :class:`FreezeStrategy`, or a
+            mapping with ``name`` and the strategy's options.
+        head: ``linear``, ``mlp``, or a ``_target_`` mapping (``{"_target_": "finetune.heads.MLPHead",
+            "hidden_dim": 256}``); the class gets ``num_features`` and ``num_classes``.
         lr: learning rate of the head.
         backbone_lr_mult: the backbone's LR is ``lr * backbone_lr_mult``: pretrained
             weights need much smaller steps than the freshly initialized head.
         layer_decay: optional layer-wise decay: stage ``i`` of ``S`` gets a further
             ``layer_decay ** (S - 1 - i)``, so layers nearer the input move least.
-        weight_decay: AdamW weight decay (not applied to norms and biases).
-        sched: ``cosine``, ``linear`` or ``constant``, after linear warmup.
-        warmup_epochs: epochs of linear warmup (fractions allowed).
-        drop_rate: dropout before the classifier.
+        weight_decay: weight decay (not applied to norms, biases and the model's ``no_weight_decay()``).
+        optimizer: a partial ``torch.optim`` class as a ``_target_`` mapping; None: AdamW.
+        scheduler: a partial ``(optimizer, total_steps, steps_per_epoch)`` factory as a ``_target_``
+            mapping; None: :func:`finetune.optim.build_scheduler` (warmup, then cosine, per group).
         label_smoothing: cross-entropy label smoothing.
         class_weights: one cross-entropy weight per class (PyTorch's ``weight``), or None for
-            equal weights; ``train.build_module`` turns ``balanced`` into a list.
+            equal weights; ``finetune.builders.build_module`` turns ``balanced`` into a list.
         channels_last: keep weights and inputs in channels-last memory format (timm's
             ``--channels-last``): faster convolutions on recent CPUs and GPUs.
         class_names: names of the classes, saved with the checkpoint.
@@ -103,36 +122,38 @@ class FineTuneModule(pl.LightningModule):
             name, or ``torch.compile``'s keyword arguments (``{"backend": ..., "mode": ...}``). Not saved
             with the checkpoint: it is a choice of how to train, and a module loaded for
             predictions runs uncompiled unless compiled again.
+
+    Defaults are those of :mod:`finetune.config` (the CLI's), so both train the same way.
     """
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
+        backbone: str = BackboneConfig.name,
         num_classes: int = 10,
-        pretrained: bool = True,
-        weights: str | None = None,
-        freeze: str | FreezeSpec | Mapping[str, Any] = "none",
+        pretrained: bool = BackboneConfig.pretrained,
+        weights: str | None = BackboneConfig.weights,
+        freeze: str | FreezeStrategy | Mapping[str, Any] = "none",
         head: str | Mapping[str, Any] = "linear",
-        lr: float = 3e-3,
-        backbone_lr_mult: float = 0.3,
-        layer_decay: float | None = None,
-        weight_decay: float = 0.01,
-        sched: str = "cosine",
-        warmup_epochs: float = 0.0,
-        drop_rate: float = 0.0,
-        label_smoothing: float = 0.0,
-        class_weights: Sequence[float] | None = None,
+        lr: float = OptimConfig.lr,
+        backbone_lr_mult: float = OptimConfig.backbone_lr_mult,
+        layer_decay: float | None = OptimConfig.layer_decay,
+        weight_decay: float = OptimConfig.weight_decay,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        label_smoothing: float = LossConfig.label_smoothing,
+        class_weights: Sequence[float] | None = LossConfig.class_weights,
         class_names: Sequence[str] | None = None,
-        channels_last: bool = False,
+        channels_last: bool = BackboneConfig.channels_last,
         compile: bool | str | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
-        spec = FreezeSpec.parse(_plain(freeze))
-        head_cfg = {"name": head} if isinstance(head, str) else head_kwargs(_plain(head))
-        head_cfg.setdefault("drop_rate", drop_rate)
+        strategy = get_strategy(_plain(freeze))
         self.save_hyperparameters(ignore=["compile"])
-        self.hparams["freeze"] = spec.to_dict()
-        self.hparams["head"] = head_cfg
+        self.hparams["freeze"] = strategy.to_dict()
+        self.hparams["head"] = head_config(_plain(head))
+        defaults = OptimConfig()
+        self.hparams["optimizer"] = _plain(optimizer) if optimizer is not None else _plain(defaults.optimizer)
+        self.hparams["scheduler"] = _plain(scheduler if scheduler is not None else OmegaConf.structured(defaults.scheduler))
         if class_names is not None:
             self.hparams["class_names"] = list(class_names)
         if weights is not None:
@@ -145,11 +166,11 @@ class FineTuneModule(pl.LightningModule):
         model = built.model
         model.reset_classifier(0)
         self.backbone = model
-        self.head = build_head(model.num_features, num_classes, **head_cfg)
-        self.freeze_spec = spec
-        self.freeze_plan = FreezePlan.build(self.backbone, spec)
+        self.head = build_head(self.hparams["head"], model.num_features, num_classes)
+        self.strategy = strategy
+        self.freeze_plan = FreezePlan.build(self.backbone, strategy)
         # False under DDP with a schedule that unfreezes: see finetune.freezing.
-        self._gate_requires_grad = True
+        self.gate_requires_grad = True
         # A plain list, so these modules are not registered twice.
         self._frozen_norms: list[nn.Module] = []
         self.apply_freeze(0)
@@ -203,17 +224,15 @@ class FineTuneModule(pl.LightningModule):
 
     def apply_freeze(self, epoch: int) -> None:
         """Make the trainable set and BatchNorm modes those of ``epoch`` under the freeze strategy."""
-        self._frozen_norms = self.freeze_plan.apply(self.backbone, self.head, epoch, self._gate_requires_grad)
+        self._frozen_norms = self.freeze_plan.apply(self.backbone, self.head, epoch, self.gate_requires_grad)
         self.train(self.training)
 
-    def setup(self, stage: str) -> None:
-        # Runs before the strategy wraps the model (DDP registers trainable parameters then).
-        if stage == "fit" and self.trainer.world_size > 1 and self.freeze_spec.is_dynamic:
-            self._gate_requires_grad = False
-            self.apply_freeze(0)
-
-    def on_train_epoch_start(self) -> None:
-        self.apply_freeze(self.current_epoch)
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # The module brings its freeze schedule, so plain Lightning code follows the strategy too
+        # (once: validate/test after fit ask again, and Lightning would warn about replacing it).
+        if any(isinstance(c, FreezeSchedule) for c in self.trainer.callbacks):
+            return []
+        return [FreezeSchedule()]
 
     def trainable_params_at(self, epoch: int) -> int:
         """Parameters the strategy trains at ``epoch`` (head included)."""
@@ -270,11 +289,13 @@ class FineTuneModule(pl.LightningModule):
         groups = param_groups(
             self.backbone, self.head, self.freeze_plan, hp.lr, hp.backbone_lr_mult, hp.weight_decay, hp.layer_decay
         )
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        optimizer = _instantiate(hp.optimizer, "optim.optimizer")(groups, lr=hp.lr)
         total = self.trainer.estimated_stepping_batches
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         if not math.isfinite(total) or epochs is None:
             raise FineTuneError("the LR schedule needs a finite trainer.max_epochs")
         steps_per_epoch = max(1, int(round(total / epochs)))
-        scheduler = build_scheduler(optimizer, hp.sched, int(total), steps_per_epoch, hp.warmup_epochs)
+        scheduler = _instantiate(hp.scheduler, "optim.scheduler")(
+            optimizer, total_steps=int(total), steps_per_epoch=steps_per_epoch
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

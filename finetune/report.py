@@ -17,10 +17,14 @@ def print_summary(
     run_dir: Path,
     class_counts: dict[str, list[int]],
     notes: list[str],
+    classes: list[str] | None = None,
 ) -> None:
     m = metrics
+    recipe = m.get("recipe") or "-"
+    if m.get("advised_recipe"):  # +recipe=auto: which recipe it picked, and why
+        recipe = f"{recipe} -> {m['advised_recipe']}: {m.get('advice', '')}"
     lines = [
-        f"recipe      {m.get('recipe') or '-'}",
+        f"recipe      {recipe}",
         f"backbone    {m['backbone']}  (weights: {m['weights_source']})",
         f"data        {m['data']}  {m['num_classes']} classes, {m['image_size']} px, "
         + ", ".join(f"{k} {v}" for k, v in m["split_sizes"].items()),
@@ -33,7 +37,8 @@ def print_summary(
     if "test_acc" in m:
         lines.append(f"test        top-1 {_pct(m.get('test_acc'))}   top-5 {_pct(m.get('test_top5'))}")
     for split, counts in class_counts.items():
-        shown = " ".join(str(c) for c in counts[:20]) + (" ..." if len(counts) > 20 else "")
+        named = [f"{classes[i]}={c}" if classes and classes[i] != str(i) else str(c) for i, c in enumerate(counts)]
+        shown = " ".join(named[:20]) + (" ..." if len(counts) > 20 else "")
         lines.append(f"per class   {split}: {shown}")
     lines += [f"note        {n}" for n in notes]
     lines.append(f"run dir     {run_dir}")

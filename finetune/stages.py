@@ -1,75 +1,94 @@
-"""``python -m finetune.stages``: a backbone's stages, their sizes, and what each freeze strategy trains."""
+"""``python -m finetune.stages``: a backbone's stages, their sizes, and what each freeze strategy trains.
+
+The strategies are those of the registry (:data:`finetune.strategies.STRATEGIES`): a new
+strategy shows up here without a change. ``freeze.KEY=VALUE`` sets that option in every
+strategy that has it (``freeze.n=1`` for both ``top_stages`` and ``bottom_stages``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
+from finetune.errors import FineTuneError, run_command
 from finetune.stage_groups import backbone_stages
+from finetune.strategies import STRATEGIES, FreezeStrategy
 
-__all__ = ["describe", "main"]
+__all__ = ["describe", "main", "strategies_with"]
 
 
-def describe(backbone_name: str, freeze_overrides: dict | None = None, epochs: int = 10) -> str:
-    """A table of ``backbone_name``'s stages and what each freeze strategy trains.
+def strategies_with(options: Mapping[str, Any]) -> dict[str, FreezeStrategy]:
+    """Every registered strategy that can be built from its defaults plus the ``options`` it takes."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for name, cls in STRATEGIES.items():
+        own = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: v for k, v in options.items() if k in own and k != "name"}
+        try:  # OmegaConf converts "1" to the field's int, and refuses "two" in one line
+            out[name] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), mine))
+        except FineTuneError:  # e.g. patterns without patterns: nothing to show
+            continue
+    unknown = sorted(set(options) - {f.name for cls in STRATEGIES.values() for f in dataclasses.fields(cls)})
+    if unknown:
+        raise FineTuneError(f"no freeze strategy has option(s) {unknown}")
+    return out
+
+
+def describe(backbone_name: str, freeze_options: Mapping[str, Any] | None = None, epochs: int = 10) -> str:
+    """A table of ``backbone_name``'s stages and what each registered freeze strategy trains.
 
     Args:
         backbone_name: timm model name.
-        freeze_overrides: values of ``n``, ``every_n_epochs``, ``unfreeze_at_epoch`` to show.
-        epochs: training length, for when ``gradual`` and ``lp_ft`` unfreeze.
+        freeze_options: strategy options to show (``n``, ``every_n_epochs``, ...).
+        epochs: training length, for when unfreezing schedules reach each stage.
     """
     import timm
 
     from finetune.backbones import check_backbone_name
-    from finetune.freezing import FreezePlan, FreezeSpec
+    from finetune.freezing import FreezePlan
 
     check_backbone_name(backbone_name)
     model = timm.create_model(backbone_name, pretrained=False, num_classes=0)
     stages = backbone_stages(model)
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(sizes.values())
-    o = freeze_overrides or {}
-    n, every, at = int(o.get("n", 2)), int(o.get("every_n_epochs", 1)), int(o.get("unfreeze_at_epoch", 2))
-    specs = {
-        f"top_stages n={n}": FreezeSpec("top_stages", n=n),
-        f"bottom_stages n={n}": FreezeSpec("bottom_stages", n=n),
-        f"gradual every={every}": FreezeSpec("gradual", every_n_epochs=every),
-        f"lp_ft at={at}": FreezeSpec("lp_ft", unfreeze_at_epoch=at),
-    }
-    plans = {k: FreezePlan.build(model, s) for k, s in specs.items()}
+    strategies = {s.label(): s for s in strategies_with(freeze_options or {}).values()}
+    plans = {k: FreezePlan.build(model, s) for k, s in strategies.items()}
+    width = max(12, *(len(k) for k in plans))
     lines = [f"{backbone_name}: {len(stages)} stages, {total:,} backbone parameters (head not included)", ""]
-    header = f"{'stage':>5}  {'label':<28} {'params':>12}  " + "  ".join(f"{k:>20}" for k in specs)
+    header = f"{'stage':>5}  {'label':<28} {'params':>12}  " + "  ".join(f"{k:>{width}}" for k in plans)
     lines += [header, "-" * len(header)]
     for st in stages:
         cells = []
         for k, plan in plans.items():
             start = plan.start_epoch.get(st.param_names[0]) if st.param_names else None
-            if specs[k].name in ("gradual", "lp_ft"):
+            if strategies[k].is_dynamic:
                 cells.append("never" if start is None or start >= epochs else f"from epoch {start}")
             else:
                 cells.append("train" if start == 0 else "frozen")
         count = sum(sizes[p] for p in st.param_names)
-        lines.append(f"{st.index:>5}  {st.label:<28} {count:>12,}  " + "  ".join(f"{c:>20}" for c in cells))
-    lines.append("")
-    lines.append("backbone parameters that train (at the last of %d epochs for gradual/lp_ft):" % epochs)
-    lines.append(f"  none: {total:,}   head_only: 0")
+        lines.append(f"{st.index:>5}  {st.label:<28} {count:>12,}  " + "  ".join(f"{c:>{width}}" for c in cells))
+    lines += ["", f"backbone parameters that train (at the last of {epochs} epochs for schedules that unfreeze):"]
     for k, plan in plans.items():
         trained = sum(sizes[p] for p in sizes if plan.trains(p, epochs - 1))
         lines.append(f"  {k}: {trained:,} ({100 * trained / max(1, total):.1f}%)")
     return "\n".join(lines)
 
 
+def _stages(args: list[str]) -> None:
+    from finetune.config import compose
+
+    # freeze.KEY=VALUE applies to every strategy that has KEY, so it is not composed into one freeze option.
+    options = {a.partition("=")[0].lstrip("+").removeprefix("freeze."): a.partition("=")[2]
+               for a in args if a.lstrip("+").startswith("freeze.")}
+    cfg = compose([a for a in args if not a.lstrip("+").startswith("freeze.")])
+    print(describe(cfg.backbone.name, options, int(cfg.trainer.max_epochs)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m finetune.stages [backbone=NAME | backbone.name=NAME] [freeze.n=N] [trainer.max_epochs=E]``."""
-    import sys
-
-    from finetune.config import compose
-    from finetune.errors import FineTuneError
-
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = compose(args)
-        print(describe(cfg.backbone.name, dict(cfg.freeze), int(cfg.trainer.max_epochs)))
-    except FineTuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(_stages, argv)
 
 
 if __name__ == "__main__":

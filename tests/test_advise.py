@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from finetune.advise import advise, advise_or_fallback, recipe_overrides
 from finetune.config import compose
@@ -91,11 +92,13 @@ def test_auto_recipe_measures_then_trains_with_the_chosen_recipe(tmp_path: Path)
     m = json.loads((out / "metrics.json").read_text())
     assert advice["recipe"] == "small_dissimilar" and "advice: small_dissimilar" in r.stdout
     assert m["recipe"] == "auto" and m["advised_recipe"] == "small_dissimilar" and m["epochs"] == 1
-    chosen = compose(["+recipe=small_dissimilar"])
-    run_cfg = (out / "config.yaml").read_text()
-    assert f"name: {chosen.freeze.name}" in run_cfg and "max_epochs: 1" in run_cfg  # the user's override kept
-    # From Python, auto needs the overrides to recompose.
-    with pytest.raises(FineTuneError, match="overrides"):
+    run_cfg = OmegaConf.load(out / "config.yaml")
+    # small_dissimilar's own choice (augment=medium, not the default light) and the user's override, both kept.
+    assert run_cfg.augment.name == "medium" and "color_jitter" in run_cfg.augment.ops
+    assert run_cfg.trainer.max_epochs == 1 and run_cfg.recipe == "small_dissimilar"
+    assert "small_dissimilar" in r.stdout.split("finetune summary")[-1]  # the summary names the pick
+    # train() itself never resolves auto: that happens before it (follow_advice / the CLI).
+    with pytest.raises(FineTuneError, match="follow_advice"):
         train(compose(["+recipe=auto"]), tmp_path / "py")
 
 

@@ -16,25 +16,35 @@ from conftest import run_cli
 TINY = ["backbone.name=test_resnet", "backbone.pretrained=false", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
 
 
-def test_every_recipe_composes_and_names_itself() -> None:
-    assert {"linear_probe", "full_finetune"} <= set(recipe_names())
+def test_every_recipe_composes_names_itself_and_changes_something() -> None:
+    from omegaconf import OmegaConf
+
+    def plain(cfg) -> dict:
+        out = OmegaConf.to_container(cfg)
+        out.pop("recipe")
+        return out
+
+    defaults = plain(compose([]))
     for name in recipe_names():
         cfg = compose([f"+recipe={name}"])
         assert cfg.recipe == name
-    assert compose(["+recipe=linear_probe"]).freeze.name == "head_only"
-    assert compose(["+recipe=full_finetune"]).freeze.name == "none"
+        if name not in ("auto", "compare"):  # those two pick or sweep; the others must differ from the defaults
+            assert plain(cfg) != defaults, f"recipe {name} changes nothing"
+    assert compose(["+recipe=small_similar"]).freeze.name == "head_only"
+    assert compose(["+recipe=large_similar"]).optim.backbone_lr_mult == 0.1
+    assert compose(["+recipe=scratch"]).backbone.pretrained is False
 
 
 def test_train_on_digits_writes_metrics(tmp_path: Path) -> None:
     cfg = compose(
         ["backbone.name=test_efficientnet", "backbone.pretrained=false", "data.image_size=32",
-         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "+recipe=linear_probe"]
+         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "+recipe=small_similar"]
     )
     m = train(cfg, tmp_path)
     for key in ("recipe", "backbone", "freeze", "epochs", "train_time_s", "trainable_params", "total_params",
                 "val_acc", "val_top5", "test_acc", "test_top5"):
         assert key in m, key
-    assert m["recipe"] == "linear_probe" and m["freeze"] == "head_only" and m["epochs"] == 1
+    assert m["recipe"] == "small_similar" and m["freeze"] == "head_only" and m["epochs"] == 1
     assert m["split_sizes"] == {"train": 1257, "val": 180, "test": 360}
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
     assert (tmp_path / "checkpoints" / "best.ckpt").exists()
@@ -64,6 +74,11 @@ def test_cli_run_on_a_folder_leaves_a_complete_run_dir(tmp_path: Path, make_fold
         (["data=folder"], "error: data.root is not set"),
         (["backbone.name=resnet181"], "error: unknown backbone 'resnet181'; did you mean"),
         (["backbone.pretrained=true", "backbone.weights=/no/such/w.safetensors"], "error: weights file"),
+        (["freeze=top_stages", "freeze.n=two"], "error: freeze.n: expected an int, got 'two'"),
+        (["trainer.max_epochs=1.5"], "error: trainer.max_epochs: expected an int, got '1.5'"),
+        (["+trainer.max_epoch=1"], "error: trainer: "),
+        (["evaluate=worst"], "error: evaluate must be one of last, best, got 'worst'"),
+        (["optim.optimizer._target_=torch.optim.Nope"], "error: optim.optimizer: "),
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path: Path, args: list[str], message: str) -> None:
@@ -93,9 +108,48 @@ def test_unreadable_weights_file_via_cli(tmp_path: Path) -> None:
     [
         (["+recipe=nope"], "Could not find 'recipe/nope'"),
         (["freeze=bogus"], "Could not find 'freeze/bogus'"),
-        (["optim.lrr=1"], "Key 'lrr' is not in struct"),
+        (["optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
+        (["freeze.n=1"], "Key 'n' not in 'NoFreeze'"),  # freeze=none has no n
     ],
 )
-def test_hydra_reports_unknown_recipes_groups_and_keys(tmp_path: Path, args: list[str], message: str) -> None:
+def test_hydra_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     r = run_cli([*args, "--cfg", "job"], cwd=tmp_path)
-    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_last_checkpoint_holds_the_last_epoch_even_when_val_acc_peaked_earlier(tmp_path: Path) -> None:
+    """Lightning's save_last=True beside a monitor writes last.ckpt only when the monitor improves."""
+    import pytorch_lightning as pl
+    import torch
+
+    from finetune import FineTuneModule
+    from finetune.builders import build_datamodule
+
+    cfg = compose([*TINY, "trainer.max_epochs=4", "data.image_size=16", "optim.lr=0.3", "seed=1"])
+    m = train(cfg, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "epochs.csv").open()))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    assert last["epoch"] == m["epochs"] - 1 == 3  # Lightning numbers the epoch saved at its end from 0
+    accs = [float(r["val/acc"]) for r in rows]
+    if max(accs) > accs[-1]:  # the monitored metric peaked early: best holds an earlier epoch
+        assert best["epoch"] < last["epoch"]
+    # last.ckpt holds exactly the weights metrics.json scored (evaluate=last: the weights in memory).
+    loaded = FineTuneModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    result = trainer.validate(loaded, datamodule=build_datamodule(cfg), verbose=False)[0]
+    assert result["val/acc"] == pytest.approx(m["val_acc"], abs=1e-6)
+    assert result["val/loss"] == pytest.approx(m["val_loss"], rel=1e-4)
+
+
+def test_epochs_csv_has_the_learning_rate_of_every_group(tmp_path: Path) -> None:
+    cfg = compose([*TINY, "freeze=lp_ft", "freeze.unfreeze_at_epoch=1", "data.image_size=16"])
+    train(cfg, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "epochs.csv").open()))
+    lr_cols = [k for k in rows[0] if k.startswith("lr-")]
+    assert "lr-AdamW/head" in lr_cols and any(k.startswith("lr-AdamW/stage") for k in lr_cols)
+    stage = next(k for k in lr_cols if k.startswith("lr-AdamW/stage"))
+    assert float(rows[0][stage]) == 0.0 and float(rows[1][stage]) > 0.0  # frozen in epoch 0, trains from epoch 1
+    logged = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "lr-AdamW/head" in logged  # the CSV logger got them too (LearningRateMonitor)

@@ -34,7 +34,7 @@ def test_gradual_under_ddp_spawn(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.arange(32) % 3)
     m = FineTuneModule("test_resnet", num_classes=3, pretrained=False, freeze={"name": "gradual", "every_n_epochs": 1},
-                       warmup_epochs=0)
+                       scheduler={"_target_": "finetune.optim.build_scheduler", "_partial_": True, "warmup_epochs": 0})
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, callbacks=[_Check()])

@@ -49,12 +49,10 @@ def test_auto_recipe_on_digits_beats_an_rbf_svm_on_the_same_split(tmp_path: Path
     import numpy as np
     from sklearn.svm import SVC
 
-    from finetune.config import compose
+    from finetune.cli import run_job
     from finetune.data.sources import digits
-    from finetune.train import train
 
-    overrides = ["+recipe=auto", "trainer.enable_progress_bar=false"]
-    m = train(compose(overrides), tmp_path, overrides=overrides)
+    m = run_job(["+recipe=auto", "trainer.enable_progress_bar=false"], tmp_path)
     assert m["advised_recipe"] == "small_dissimilar" and m["freeze"] == "none" and m["epochs"] == 25
 
     splits = digits(seed=42).splits  # the split the run used (seed 42)

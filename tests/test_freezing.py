@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from finetune import FineTuneModule
 from finetune.config import compose
 from finetune.errors import FineTuneError
-from finetune.freezing import FreezePlan, FreezeSpec
 from finetune.stage_groups import backbone_stages
 from finetune.train import train
 
@@ -82,7 +81,7 @@ def test_patterns() -> None:
     }
     with pytest.raises(FineTuneError, match="match no backbone parameter"):
         _module("test_vit", {"name": "patterns", "trainable": ["nothing.*"]})
-    with pytest.raises(FineTuneError, match="unknown freeze option"):
+    with pytest.raises(FineTuneError, match="has no option"):
         _module("test_vit", {"name": "top_stages", "k": 3})
 
 
@@ -112,9 +111,12 @@ class _Recorder(pl.Callback):
             self.trainable[e] = _trainable_backbone(pl_module)
 
 
+_SCHED = {"_target_": "finetune.optim.build_scheduler", "_partial_": True, "sched": "cosine", "warmup_epochs": 0}
+
+
 def _gradual(**kw) -> FineTuneModule:
     return _module("test_efficientnet", {"name": "gradual", "every_n_epochs": 1}, lr=0.01, backbone_lr_mult=0.1,
-                   layer_decay=0.5, sched="cosine", warmup_epochs=0, **kw)
+                   layer_decay=0.5, scheduler=_SCHED, **kw)
 
 
 def _fit(m: FineTuneModule, root: Path, epochs: int, ckpt: str | None = None, stop_after: int | None = None) -> _Recorder:
@@ -167,34 +169,84 @@ def test_resume_mid_gradual_matches_the_uninterrupted_run(tmp_path: Path) -> Non
 
 
 def test_mlp_head() -> None:
-    m = FineTuneModule("test_resnet", num_classes=5, pretrained=False, head={"name": "mlp", "hidden_dim": 16, "drop_rate": 0.2})
+    m = FineTuneModule("test_resnet", num_classes=5, pretrained=False,
+                       head={"_target_": "finetune.heads.MLPHead", "hidden_dim": 16, "drop_rate": 0.2})
     assert isinstance(m.head[0], nn.Linear) and m.head[0].out_features == 16 and m.head[-1].out_features == 5
+    assert m.head[3].p == 0.2
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    short = FineTuneModule("test_resnet", num_classes=5, pretrained=False, head="mlp")
+    assert short.head[0].out_features == 512  # MLPHead's own default: the one place it lives
     with pytest.raises(FineTuneError, match="unknown head"):
         FineTuneModule("test_resnet", num_classes=5, pretrained=False, head="conv")
 
 
-@pytest.mark.parametrize("strategy, overrides", [
-    ("head_only", []), ("top_stages", ["freeze.n=1"]), ("bottom_stages", ["freeze.n=2"]), ("lp_ft", ["freeze.unfreeze_at_epoch=1"]),
+@pytest.mark.parametrize("strategy, overrides, last_epoch, first_epoch", [
+    ("head_only", [], [], []),
+    ("top_stages", ["freeze.n=1"], [-1], [-1]),
+    ("bottom_stages", ["freeze.n=2"], [0, 1], [0, 1]),
+    ("lp_ft", ["freeze.unfreeze_at_epoch=1"], "all", []),
 ])
-def test_metrics_trainable_params_match_the_strategy(tmp_path: Path, make_folder, strategy: str, overrides: list[str]) -> None:
+def test_metrics_trainable_params_match_the_strategy(
+    tmp_path: Path, make_folder, strategy: str, overrides: list[str], last_epoch, first_epoch
+) -> None:
     root = make_folder(classes=2, per_class=4)
     cfg = compose([f"freeze={strategy}", *overrides, "backbone.name=test_efficientnet", "backbone.pretrained=false",
                    "data=folder", f"data.root={root}", "data.image_size=32", "data.num_workers=0", "data.val_fraction=0.25",
                    "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "head=mlp"])
     m = train(cfg, tmp_path / "run")
-    module = FineTuneModule("test_efficientnet", num_classes=2, pretrained=False, freeze=dict(cfg.freeze), head=dict(cfg.head))
-    assert m["trainable_params"] == module.trainable_params_at(1)
-    assert m["trainable_params_first_epoch"] == module.trainable_params_at(0)
+    # Expected counts from the stages themselves (not from the strategy code under test).
+    model = FineTuneModule("test_efficientnet", num_classes=2, pretrained=False, head="mlp")
+    stages = backbone_stages(model.backbone)
+    sizes = dict((n, p.numel()) for n, p in model.backbone.named_parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+
+    def count(which) -> int:
+        chosen = stages if which == "all" else [stages[i] for i in which]
+        return head + sum(sizes[n] for s in chosen for n in s.param_names)
+
+    assert m["trainable_params"] == count(last_epoch)
+    assert m["trainable_params_first_epoch"] == count(first_epoch)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["freeze"] == strategy
+
+
+def test_a_new_strategy_is_one_class_and_its_registration() -> None:
+    from dataclasses import dataclass
+
+    from finetune.stages import describe
+    from finetune.strategies import STRATEGIES, FreezeStrategy, register
+
+    @register("odd_stages")
+    @dataclass
+    class OddStages(FreezeStrategy):
+        name: str = "odd_stages"
+        offset: int = 1
+
+        def stage_start(self, index: int, num_stages: int) -> int | None:
+            return 0 if (index + self.offset) % 2 == 0 else None
+
+    try:
+        m = _module("test_efficientnet", {"name": "odd_stages", "offset": 1})
+        stages = backbone_stages(m.backbone)
+        assert _trainable_backbone(m) == _stage_params(m, [i for i in range(len(stages)) if i % 2 == 1])
+        cfg = compose(["freeze=odd_stages", "freeze.offset=0"])  # a CLI option too, typed from the dataclass
+        assert cfg.freeze.offset == 0 and cfg.freeze.name == "odd_stages"
+        with pytest.raises(Exception, match="offset"):
+            compose(["freeze=odd_stages", "freeze.offset=two"])
+        assert "odd_stages offset=1" in describe("test_efficientnet")
+    finally:
+        STRATEGIES.pop("odd_stages")
 
 
 def test_stages_command(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "finetune.stages", "backbone.name=test_efficientnet", "freeze=top_stages", "freeze.n=1"],
+    # freeze.n applies to every strategy that has n, whatever freeze= is (the default none has none).
+    r = subprocess.run([sys.executable, "-m", "finetune.stages", "backbone.name=test_efficientnet", "freeze.n=1"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "stem" in r.stdout and "top_stages n=1" in r.stdout and "from epoch 1" in r.stdout
-    assert "RuntimeWarning" not in r.stderr
+    assert "stem" in r.stdout and "top_stages n=1" in r.stdout and "bottom_stages n=1" in r.stdout
+    assert "from epoch 1" in r.stdout and "RuntimeWarning" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "finetune.stages", "backbone.name=test_efficientnet", "freeze.n=two"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: n: expected an int, got 'two'", r.stderr

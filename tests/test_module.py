@@ -82,7 +82,8 @@ def test_train_bn_lets_affine_params_train_but_not_statistics(tmp_path: Path) ->
 
 
 def test_param_groups_have_head_and_reduced_backbone_lrs(tmp_path: Path) -> None:
-    m = FineTuneModule("test_resnet", num_classes=3, pretrained=False, lr=0.01, backbone_lr_mult=0.1, sched="constant")
+    constant = {"_target_": "finetune.optim.build_scheduler", "_partial_": True, "sched": "constant", "warmup_epochs": 0}
+    m = FineTuneModule("test_resnet", num_classes=3, pretrained=False, lr=0.01, backbone_lr_mult=0.1, scheduler=constant)
     trainer = _trainer(tmp_path)
     trainer.fit(m, _loader(), _loader())
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
@@ -130,3 +131,46 @@ def test_checkpoint_rebuilds_without_hydra_or_weights_file(tmp_path: Path) -> No
 def test_unknown_freeze_strategy() -> None:
     with pytest.raises(FineTuneError, match="unknown freeze strategy 'bogus'"):
         FineTuneModule("test_resnet", num_classes=3, pretrained=False, freeze="bogus")
+
+
+def test_vit_position_embedding_and_class_token_are_not_decayed() -> None:
+    from finetune.optim import param_groups
+
+    m = FineTuneModule("test_vit", num_classes=3, pretrained=False)
+    assert {"pos_embed", "cls_token"} <= m.backbone.no_weight_decay()  # what timm's ViT says of itself
+    groups = param_groups(m.backbone, m.head, m.freeze_plan, 0.01, 0.1, 0.05)
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = dict(m.backbone.named_parameters())
+    assert decay_of[id(params["pos_embed"])] == 0.0 and decay_of[id(params["cls_token"])] == 0.0
+    assert params["pos_embed"].ndim == 3  # not caught by the 1-d rule: only no_weight_decay() spares it
+    assert decay_of[id(params["patch_embed.proj.weight"])] == 0.05
+
+
+def test_python_api_defaults_are_the_cli_defaults() -> None:
+    from finetune.builders import build_module
+    from finetune.config import compose
+    from finetune.data import ImageDataModule
+
+    cfg = compose(["backbone.name=test_resnet", "backbone.pretrained=false"])
+    built = build_module(cfg, ImageDataModule("digits", image_size=32))
+    plain = FineTuneModule("test_resnet", num_classes=10, pretrained=False)
+    for key in ("lr", "backbone_lr_mult", "layer_decay", "weight_decay", "optimizer", "scheduler", "head", "freeze",
+                "label_smoothing", "class_weights", "channels_last"):
+        assert plain.hparams[key] == built.hparams[key], key
+
+
+def test_optimizer_and_scheduler_are_swapped_from_config(tmp_path: Path) -> None:
+    from finetune.builders import build_module
+    from finetune.config import compose
+    from finetune.data import ImageDataModule
+
+    cfg = compose(["optim=sgd", "optim.scheduler.sched=linear", "backbone.name=test_resnet", "backbone.pretrained=false"])
+    m = build_module(cfg, ImageDataModule("digits", image_size=32))
+    trainer = _trainer(tmp_path)
+    trainer.fit(m, _loader(classes=10), _loader(classes=10))
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"]
+    with pytest.raises(FineTuneError, match="optim.optimizer"):
+        bad = FineTuneModule("test_resnet", num_classes=3, pretrained=False,
+                             optimizer={"_target_": "torch.optim.NoSuchOptimizer", "_partial_": True})
+        _trainer(tmp_path).fit(bad, _loader(), _loader())

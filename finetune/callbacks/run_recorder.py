@@ -1,0 +1,183 @@
+"""The callback that records a run: ``classes.json``, ``epochs.csv``, ``metrics.json`` and the summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+
+from finetune.report import print_summary
+
+__all__ = ["RunRecorder", "best_checkpoint"]
+
+
+def _reset_peak_memory() -> None:
+    # A sweep runs its jobs in one process: without a reset, each run reports the largest run before it.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS that getrusage reports
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_mb(trainer: pl.Trainer) -> dict[str, float]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_memory_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if trainer.strategy.root_device.type == "cuda":
+        out["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def best_checkpoint(trainer: pl.Trainer) -> str:
+    """Path of the best checkpoint of the first ModelCheckpoint that monitors a metric ('' if none)."""
+    for c in trainer.checkpoint_callbacks:  # type: ignore[attr-defined]
+        if isinstance(c, ModelCheckpoint) and c.monitor:
+            return c.best_model_path
+    return ""
+
+
+def _images(datamodule: Any) -> Any:
+    """The ImageDataModule behind ``datamodule`` (a FeatureDataModule wraps one)."""
+    return getattr(datamodule, "images", datamodule)
+
+
+class RunRecorder(Callback):
+    """Writes what a run did into the trainer's ``default_root_dir`` (the run directory).
+
+    ``epochs.csv`` has one row per trained epoch: the epoch's logged metrics (``train/loss``,
+    ``val/acc``, ...) and every parameter group's learning rate as the
+    :class:`~pytorch_lightning.callbacks.LearningRateMonitor` logged it (``lr-AdamW/head``, ...).
+    :meth:`finish`, called after the final validation and test, writes ``metrics.json`` and
+    prints the summary.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.results: dict[str, float] = {}
+        self.train_time_s = 0.0
+        self.memory: dict[str, float] = {}
+        self._start = 0.0
+
+    @staticmethod
+    def of(trainer: pl.Trainer) -> "RunRecorder":
+        found = [c for c in trainer.callbacks if isinstance(c, RunRecorder)]  # type: ignore[attr-defined]
+        if not found:
+            raise LookupError("the trainer has no RunRecorder callback")
+        return found[0]
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        return Path(trainer.default_root_dir)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dm = _images(trainer.datamodule)
+        if stage != "fit" or dm is None or not trainer.is_global_zero:
+            return
+        run_dir = self._dir(trainer)
+        classes = {"classes": dm.classes, "class_to_idx": {c: i for i, c in enumerate(dm.classes)}}
+        (run_dir / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+        if dm.bad_images:
+            from finetune.data.scan import write_bad_images
+
+            write_bad_images(dm.bad_images, run_dir / "bad_images.txt")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+        _reset_peak_memory()
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validation of this epoch has run by now, so its metrics are among the callback metrics.
+        row: dict[str, Any] = {"epoch": trainer.current_epoch}
+        for k, v in trainer.callback_metrics.items():
+            if not k.endswith("_step"):
+                row[k.removesuffix("_epoch")] = round(float(v), 6)
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, LearningRateMonitor):
+                row.update({k: v[-1] for k, v in cb.lrs.items() if v})
+        self.rows.append(row)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.train_time_s = time.perf_counter() - self._start
+        self.memory = _peak_memory_mb(trainer)
+        if self.rows and trainer.is_global_zero:
+            _write_csv(self.rows, self._dir(trainer) / "epochs.csv")
+
+    def _record(self, trainer: pl.Trainer, stage: str) -> None:
+        m = trainer.callback_metrics
+        for name, key in (("acc", "acc"), ("top5", "top5"), ("loss", "loss")):
+            if f"{stage}/{key}" in m:
+                self.results[f"{stage}_{name}"] = round(float(m[f"{stage}/{key}"]), 5)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._record(trainer, "val")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, "test")
+
+    def finish(self, trainer: pl.Trainer, extra: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+        """``metrics.json`` (returned too) and the summary, after the final validation/test."""
+        model, fit_dm = trainer.lightning_module, trainer.datamodule
+        dm = _images(fit_dm)
+        epochs = trainer.current_epoch
+        images_per_epoch = min(len(dm.data.splits["train"]),
+                               trainer.num_training_batches * fit_dm.batch_size * trainer.world_size)
+        best = best_checkpoint(trainer)
+        metrics: dict[str, Any] = {
+            "status": "ok",
+            **extra,
+            "weights_source": model.weights_source,
+            "freeze": model.strategy.name,
+            "data": dm.data.name,
+            "image_size": dm.image_size,
+            "num_classes": dm.num_classes,
+            "split_sizes": {k: len(v) for k, v in dm.data.splits.items()},
+            "epochs": epochs,
+            "train_time_s": round(self.train_time_s, 2),
+            "train_images_per_s": round(images_per_epoch * epochs / max(self.train_time_s, 1e-9), 1),
+            **self.memory,
+            # What the strategy trained in the last epoch (gradual/lp_ft start from fewer).
+            "trainable_params": model.trainable_params_at(max(0, epochs - 1)),
+            "trainable_params_first_epoch": model.trainable_params_at(0),
+            "total_params": model.total_params(),
+            "best_checkpoint": best or None,
+            "augment": dm.augment["name"],
+            "cached_features": fit_dm is not dm,
+            "precision": str(trainer.precision),
+        }
+        if fit_dm is not dm:
+            metrics["feature_extraction_s"] = round(fit_dm.extraction_time_s, 2)
+            metrics["features_reused"] = fit_dm.reused_features  # images measured by the advice, not run again
+        asked = metrics.pop("precision_asked", None)
+        notes = [*dm.data.notes, *notes]
+        if asked and asked != metrics["precision"]:
+            # Lightning trains 16-mixed on a CPU as bf16-mixed (fp16 autocast needs a GPU): report what ran.
+            metrics["precision_asked"] = asked
+            notes.append(f"trainer.precision={asked} was asked; Lightning trained with {metrics['precision']} "
+                         f"on {trainer.strategy.root_device.type}")
+        metrics.update(self.results)
+        if trainer.is_global_zero:
+            run_dir = self._dir(trainer)
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            print_summary(metrics, run_dir, dm.class_counts(), notes, dm.classes)
+        return metrics
