@@ -22,7 +22,7 @@ class FineTuneError(Exception):
 
 # OmegaConf's names for the types of typed config fields, as a Python user writes them.
 _TYPE_NAMES = {"Integer": "an int", "Float": "a float", "Boolean": "a bool", "String": "a string"}
-_CONVERT = re.compile(r"Value '(.*)' (?:of type '.*' )?could not be converted to (\w+)", re.S)
+_CONVERT = re.compile(r"Value '(.*?)' (?:of type '[^']*' )?could not be converted to (\w+)", re.S)
 
 
 def _one_line(text: str) -> str:

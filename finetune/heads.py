@@ -7,6 +7,7 @@ class with ``num_features`` and ``num_classes`` arguments can stand in for them.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 from torch import nn
@@ -53,12 +54,17 @@ HEADS: dict[str, type[nn.Module]] = {"linear": LinearHead, "mlp": MLPHead}
 
 
 def head_config(head: str | Mapping[str, Any]) -> dict[str, Any]:
-    """A head as a ``_target_`` mapping: ``"mlp"`` -> ``{"_target_": "finetune.heads.MLPHead"}``."""
+    """A head as a ``_target_`` mapping: ``"mlp"`` -> ``{"_target_": "finetune.heads.MLPHead", "hidden_dim": 512, ...}``.
+
+    A short name gets the class's own defaults written out, as the ``head=NAME`` config option has them.
+    """
     if isinstance(head, str):
         if head not in HEADS:
             raise FineTuneError(f"unknown head '{head}'; choose one of {', '.join(HEADS)} or give a _target_")
         cls = HEADS[head]
-        return {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
+        own = inspect.signature(cls).parameters.values()
+        return {"_target_": f"{cls.__module__}.{cls.__qualname__}",
+                **{p.name: p.default for p in own if p.default is not inspect.Parameter.empty}}
     cfg = dict(head)
     if "_target_" not in cfg:
         raise FineTuneError(f"a head config needs a _target_ (a module class), got {sorted(cfg)}")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+from omegaconf import OmegaConf
 
 from finetune.compare import collect_runs, main, report_rows
 from finetune.config import compose
@@ -35,24 +39,60 @@ def _sweep(tmp_path: Path, *args: str) -> tuple[Path, subprocess.CompletedProces
     return sweep, r
 
 
+def _assert_rows_are_the_runs_metrics(sweep: Path, rows: list[dict[str, str]]) -> None:
+    """Each number in a finished run's row is the one in that run's own metrics.json, unchanged."""
+    for row in rows:
+        metrics = json.loads((sweep / row["run"] / "metrics.json").read_text())
+        for key in ("val_acc", "val_top5", "test_acc", "test_top5", "trainable_params", "train_time_s",
+                    "train_images_per_s", "peak_memory_mb", "epochs"):
+            assert float(row[key]) == metrics[key], (row["run"], key)
+
+
+def _torch_import_rss_mb() -> float:
+    """Peak RSS of a Python that only imports torch: less than any process that also trains a model."""
+    code = "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return int(out.stdout.split()[-1]) / 2**10  # KiB on Linux
+
+
 def test_sweep_writes_the_comparison_and_compare_rebuilds_it(tmp_path: Path) -> None:
+    start = time.perf_counter()
     sweep, r = _sweep(tmp_path, "--multirun", "freeze=head_only,top_stages,none")
+    sweep_wall_time_s = time.perf_counter() - start
     for name in ("comparison.csv", "comparison.md", "comparison.png"):
         assert (sweep / name).stat().st_size > 0, name
     rows = _rows(sweep)
     assert [(row["run"], row["freeze"], row["status"]) for row in rows] == [
         ("0", "head_only", "ok"), ("1", "top_stages", "ok"), ("2", "none", "ok")]
+    _assert_rows_are_the_runs_metrics(sweep, rows)
+    # 4 batches of 1 epoch are too few to beat chance (1/10), so the baselines are measured independently.
+    torch_rss_mb = _torch_import_rss_mb()
+    physical_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     for row in rows:
-        for key in ("val_top5", "test_top5", "trainable_params", "train_time_s", "train_images_per_s",
-                    "peak_memory_mb"):
-            assert float(row[key]) > 0, key
-        assert 0 <= float(row["val_acc"]) <= 1 and 0 <= float(row["test_acc"]) <= 1
+        for split in ("val", "test"):  # a top-1 hit is a top-5 hit
+            assert float(row[f"{split}_top5"]) >= float(row[f"{split}_acc"]), (row["run"], split)
+        # Images/s is the images trained (limit_train_batches=4 full batches) over train_time_s, up to rounding.
+        images = 4 * OmegaConf.load(sweep / row["run"] / "config.yaml").data.batch_size
+        t = float(row["train_time_s"])
+        assert images / (t + 0.005) - 0.05 <= float(row["train_images_per_s"]) <= images / max(t - 0.005, 1e-9) + 0.05
+        assert torch_rss_mb < float(row["peak_memory_mb"]) < physical_mb  # MiB, not KiB or bytes
         assert row["epochs"] == "1" and row["error"] == ""
+    # Training happens inside the sweep: seconds, not milliseconds or minutes.
+    assert 0 < sum(float(row["train_time_s"]) for row in rows) < sweep_wall_time_s
     # Only what was swept becomes a column: the tiny-model overrides are the same in every run.
     assert "backbone.name" not in rows[0] and "data.image_size" not in rows[0]
-    assert int(rows[0]["trainable_params"]) < int(rows[1]["trainable_params"]) < int(rows[2]["trainable_params"])
+    # head_only trains timm's classifier alone, none every parameter (digits: 10 classes), counted by timm itself.
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    head_params = sum(p.numel() for p in model.get_classifier().parameters())
+    all_params = sum(p.numel() for p in model.parameters())
+    assert [int(row["trainable_params"]) for row in (rows[0], rows[2])] == [head_params, all_params]
+    assert head_params < int(rows[1]["trainable_params"]) < all_params
     md = (sweep / "comparison.md").read_text()
-    assert md.count("\n| ") == 4 and "| head_only | ok |" in md and "%" in md  # header + 3 rows, percentages
+    assert md.count("\n| ") == 4 and "| head_only | ok |" in md  # header + 3 rows
+    md_rows = [line for line in md.splitlines() if line.startswith("| ") and "| ok |" in line]
+    for row, line in zip(rows, md_rows, strict=True):  # accuracies as percentages of the CSV's fractions
+        for key in ("val_acc", "val_top5", "test_acc", "test_top5"):
+            assert f" {100 * float(row[key]):.2f}%" in line.replace("**", " "), (row["run"], key, line)
     assert "Comparison of 3 runs" in r.stdout  # printed at the end of the sweep
 
     before = {name: (sweep / name).read_text() for name in ("comparison.csv", "comparison.md")}
@@ -71,7 +111,8 @@ def test_a_failed_run_is_listed_and_the_sweep_goes_on(tmp_path: Path) -> None:
     rows = _rows(sweep)
     assert [(row["freeze"], row["status"]) for row in rows] == [("patterns", "failed"), ("head_only", "ok")]
     assert rows[0]["error"] == "freeze=patterns needs freeze.trainable and/or freeze.frozen patterns"
-    assert rows[0]["val_acc"] == "" and rows[1]["val_acc"] != ""
+    assert rows[0]["val_acc"] == ""
+    assert float(rows[1]["val_acc"]) == json.loads((sweep / "1" / "metrics.json").read_text())["val_acc"]
     assert json.loads((sweep / "0" / "metrics.json").read_text())["status"] == "failed"
     md = (sweep / "comparison.md").read_text()
     assert "| failed |" in md and "1 of 2 runs did not finish" in md

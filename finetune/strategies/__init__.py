@@ -1,6 +1,8 @@
 """Freeze strategies, one per module, found by name in :data:`STRATEGIES` (``freeze=NAME``)."""
 
-from finetune.strategies import bottom_stages, gradual, head_only, lp_ft, none, patterns, top_stages  # noqa: F401  (register)
+# Imported for their registration, in the order listings show them: from training everything to training least.
+from finetune.strategies import none  # noqa: I001, F401
+from finetune.strategies import head_only, top_stages, bottom_stages, gradual, lp_ft, patterns  # noqa: F401
 from finetune.strategies.base import STRATEGIES, FreezeStrategy, get_strategy, register
 
 __all__ = ["STRATEGIES", "FreezeStrategy", "get_strategy", "register"]
