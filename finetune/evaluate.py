@@ -3,49 +3,96 @@
 Prints top-1/top-5 and a per-class table, and writes ``evaluation.json`` and
 ``confusion_matrix.png`` into ``out_dir`` (default: the checkpoint's run directory).
 Images go through the eval pipeline with the checkpoint's preprocessing (see
-:mod:`finetune.predict`). Without data overrides the run's own data config is used, so
-``python -m finetune.evaluate ckpt=outputs/DATE/TIME/checkpoints/best.ckpt`` scores the
-split the run was trained against.
+:mod:`finetune.checkpoints`) and the same inference path as ``finetune.predict``
+(:mod:`finetune.inference`). Without data overrides the run's own data config and seed are
+used, so ``python -m finetune.evaluate ckpt=outputs/DATE/TIME/checkpoints/best.ckpt`` scores
+the split the run was trained against.
+
+The command's own arguments (:class:`EvaluateConfig`) are a Hydra app's; every other
+``key=value`` is an override of the training config (``conf/config.yaml``: ``data=folder
+data.root=DIR``, ``backbone.name=...``, ``seed=...``), composed with
+:func:`finetune.config.compose` inside the app.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import hydra
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from finetune.errors import FineTuneError, run_command
-from finetune.predict import (
-    class_names,
-    load_checkpoint,
-    parse_args,
-    resolve_preprocessing,
-    run_dir_of,
-)
+from finetune.builders import build_datamodule
+from finetune.checkpoints import Preprocessing, class_names, load_checkpoint, resolve_preprocessing, run_dir_of
+from finetune.command import CommandConfig, check_positive, hold_errors, run_app
+from finetune.config import CONF_DIR, compose
+from finetune.data import ImageDataset
+from finetune.errors import FineTuneError
+from finetune.inference import probabilities
+from finetune.metrics import format_report, metrics_of, percent, write_confusion_png
 
-__all__ = ["check_classes", "evaluate", "main", "metrics_of", "write_confusion_png"]
+if TYPE_CHECKING:
+    from finetune.data import Split
 
-_ARGS = {"ckpt": "", "split": "", "out_dir": "", "batch_size": 64, "image_size": 0}
+__all__ = [
+    "EvaluateConfig", "check_classes", "compose_for", "evaluate", "main", "split_overrides", "split_probabilities",
+]
+
+
+@dataclass
+class EvaluateConfig(CommandConfig):
+    """``python -m finetune.evaluate``'s own arguments (the rest are training config overrides).
+
+    Attributes:
+        ckpt: the checkpoint (``outputs/DATE/TIME/checkpoints/last.ckpt``).
+        split: ``test``, ``val`` or ``train`` (None: test where the data has one, else val).
+        out_dir: where ``evaluation.json`` and ``confusion_matrix.png`` go (None: the run dir,
+            else the working directory).
+        batch_size: images per forward pass.
+        image_size: override the run's input size (None: ``data.image_size=`` if given, else the run's).
+    """
+
+    ckpt: str = ""
+    split: Optional[str] = None
+    out_dir: Optional[str] = None
+    batch_size: int = 64
+    image_size: Optional[int] = None
+
+
+ConfigStore.instance().store(name="evaluate", node=EvaluateConfig)
+
+_OWN = {f.name for f in dataclasses.fields(EvaluateConfig)} - {"defaults"}  # "hydra" stays: hydra.* overrides
+
+
+def _name(arg: str) -> str:
+    """The dotted key an override sets: ``data.root`` for ``data.root=DIR``, ``data.x`` for ``+data/x=y``."""
+    return arg.lstrip("+~").partition("=")[0].replace("/", ".")
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The command's own arguments (and Hydra's flags), and the training config's overrides."""
+    own: list[str] = []
+    rest: list[str] = []
+    for arg in argv:
+        (own if "=" not in arg or arg.startswith("-") or _name(arg).partition(".")[0] in _OWN else rest).append(arg)
+    return own, rest
 
 
 def _overridden(overrides: Sequence[str], key: str) -> bool:
     """Whether an override sets ``key`` or anything under it (``data=folder``, ``data.root=...``)."""
-    for o in overrides:
-        name = o.lstrip("+~").partition("=")[0]
-        if name == key or name.startswith(key + "."):
-            return True
-    return False
+    return any(_name(o) == key or _name(o).startswith(key + ".") for o in overrides)
 
 
 def compose_for(ckpt: str, overrides: Sequence[str], module: Any) -> DictConfig:
-    """The data config to evaluate on: the overrides, else the run's own, split with the run's seed."""
-    from finetune.config import compose
-
+    """The training config to evaluate with: the overrides, else the run's own data, split with the run's seed."""
     run_dir = run_dir_of(ckpt)
     run_cfg = OmegaConf.load(run_dir / "config.yaml") if run_dir and (run_dir / "config.yaml").is_file() else None
     head: list[str] = []
@@ -53,15 +100,14 @@ def compose_for(ckpt: str, overrides: Sequence[str], module: Any) -> DictConfig:
         head.append(f"backbone.name={module.hparams.backbone}")
     if run_cfg is not None and "seed" in run_cfg and not _overridden(overrides, "seed"):
         head.append(f"seed={run_cfg.seed}")  # the seed draws a folder's val split: the run's, not the default
-    from hydra.errors import HydraException
-
-    try:
-        cfg = compose([*head, *overrides])
-    except HydraException as e:
-        raise FineTuneError(f"bad override: {' '.join(str(e).split())[:300]}") from None
-    if run_cfg is not None and "data" in run_cfg and not _overridden(overrides, "data"):
-        cfg.data = run_cfg.data
-    return cfg
+    cfg = compose([*head, *overrides])
+    if run_cfg is None or "data" not in run_cfg or _overridden(overrides, "data"):
+        return cfg
+    # The run's data section replaces the composed one whole. As plain containers: a typed config would
+    # refuse one source's keys in another's schema (the default data is digits, the run's maybe a folder).
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain["data"] = OmegaConf.to_container(run_cfg.data, resolve=False)  # type: ignore[index]
+    return OmegaConf.create(plain)
 
 
 def check_classes(data_classes: Sequence[str], ckpt_classes: Sequence[str]) -> None:
@@ -90,115 +136,38 @@ def _short(names: Sequence[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _probabilities(module: Any, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-    probs, labels = [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            probs.append(module(x.to(module.device)).softmax(-1).cpu())
-            labels.append(y)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+def split_probabilities(
+    module: Any, split: Split, prep: Preprocessing, batch_size: int = 64, num_workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities of ``split``'s images in its order, and its labels (as the loader gave them)."""
+    loader = DataLoader(ImageDataset(split, prep.transform()), batch_size=batch_size, num_workers=num_workers)
+    probs, labels = probabilities(module, loader)
+    return probs, labels if labels is not None else torch.zeros(0, dtype=torch.long)
 
 
-def metrics_of(probs: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
-    """Top-1, top-5 (more than 5 classes), the confusion matrix (rows: true) and per-class recall/precision."""
-    n = len(names)
-    pred = probs.argmax(1)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    top5 = None
-    if n > 5:
-        best5 = np.argsort(-probs, axis=1)[:, :5]
-        top5 = float((best5 == labels[:, None]).any(1).mean())
-    per_class = []
-    for c, name in enumerate(names):
-        support, predicted, right = int(confusion[c].sum()), int(confusion[:, c].sum()), int(confusion[c, c])
-        per_class.append({
-            "class": name,
-            "support": support,
-            "recall": right / support if support else None,  # the class's accuracy
-            "precision": right / predicted if predicted else None,
-        })
-    return {
-        "images": int(len(labels)),
-        "top1": float((pred == labels).mean()) if len(labels) else None,
-        "top5": top5,
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-    }
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
-def format_report(m: dict[str, Any], split: str) -> str:
-    width = max([5, *(len(r["class"]) for r in m["per_class"])])
-    lines = [f"{split}: {m['images']} images   top-1 {_pct(m['top1'])}   top-5 {_pct(m['top5'])}", ""]
-    lines.append(f"{'class':<{width}}  {'support':>7}  {'accuracy':>9}  {'precision':>9}")
-    for r in m["per_class"]:
-        lines.append(f"{r['class']:<{width}}  {r['support']:>7}  {_pct(r['recall']):>9}  {_pct(r['precision']):>9}")
-    return "\n".join(lines)
-
-
-def write_confusion_png(confusion: np.ndarray, names: Sequence[str], path: Path, title: str) -> None:
-    """The confusion matrix, rows normalized to the true class (counts written in where they fit)."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
-    n = len(names)
-    rows = confusion.sum(1, keepdims=True)
-    share = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=float), where=rows > 0)
-    side = min(4 + 0.4 * n, 30)
-    fig = Figure(figsize=(side + 1.5, side))
-    ax = fig.subplots()
-    shown = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(shown, ax=ax, label="share of the true class")
-    ticks = np.arange(n)
-    ax.set_xticks(ticks, [str(s) for s in names], rotation=90 if n > 6 else 0, fontsize=8)
-    ax.set_yticks(ticks, [str(s) for s in names], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if n <= 30:
-        for (i, j), count in np.ndenumerate(confusion):
-            if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def evaluate(argv: Sequence[str]) -> dict[str, Any]:
-    """The command; returns what it writes to ``evaluation.json``."""
-    from finetune.data import ImageDataset
-    from finetune.train import build_datamodule
-
-    args, overrides = parse_args(argv, _ARGS, extra=True)
-    module, raw = load_checkpoint(args["ckpt"])
-    cfg = compose_for(args["ckpt"], overrides, module)
-    dm = build_datamodule(cfg)
+def evaluate(cfg: EvaluateConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The command: ``cfg`` its own arguments, ``overrides`` the training config's. Returns ``evaluation.json``."""
+    check_positive(cfg, "batch_size", "image_size")
+    module, raw = load_checkpoint(cfg.ckpt)
+    data_cfg = compose_for(cfg.ckpt, overrides, module)
+    dm = build_datamodule(data_cfg)
     names = class_names(module)
     check_classes(dm.classes, names)
 
-    split = args["split"] or ("test" if dm.has_test else "val")
+    split = cfg.split or ("test" if dm.has_test else "val")
     if split not in dm.data.splits:
         raise FineTuneError(f"the data has no '{split}' split; it has {', '.join(dm.data.splits)}")
     # An explicit data.image_size wins over the run's, as image_size= does.
-    given = cfg.data.get("image_size") if _overridden(overrides, "data.image_size") else None
-    image_size = args["image_size"] or given
-    prep = resolve_preprocessing(module, raw, args["ckpt"], image_size)
-    loader = DataLoader(
-        ImageDataset(dm.data.splits[split], prep.transform()),
-        batch_size=args["batch_size"],
-        num_workers=dm.num_workers,
-    )
-    probs, labels = _probabilities(module, loader)
+    given = data_cfg.data.get("image_size") if _overridden(overrides, "data.image_size") else None
+    prep = resolve_preprocessing(module, raw, cfg.ckpt, cfg.image_size or given)
+    probs, labels = split_probabilities(module, dm.data.splits[split], prep, cfg.batch_size, dm.num_workers)
     m = metrics_of(probs, labels, names)
 
-    run_dir = run_dir_of(args["ckpt"])
-    out_dir = Path(args["out_dir"]).expanduser() if args["out_dir"] else (run_dir or Path.cwd())
+    run_dir = run_dir_of(cfg.ckpt)
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else (run_dir or Path.cwd())
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
-        "checkpoint": str(Path(args["ckpt"]).expanduser().resolve()),
+        "checkpoint": str(Path(cfg.ckpt).expanduser().resolve()),
         "data": dm.data.name,
         "split": split,
         "preprocessing": prep.to_dict(),
@@ -207,9 +176,9 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     png = out_dir / "confusion_matrix.png"
-    title = f"{dm.data.name} {split}: top-1 {_pct(m['top1'])}"
+    title = f"{dm.data.name} {split}: top-1 {percent(m['top1'])}"
     write_confusion_png(np.asarray(m["confusion_matrix"]), names, png, title)
-    print(f"preprocessing: {prep.image_size} px, crop_pct {prep.crop_pct}, {prep.interpolation} (from {prep.source})")
+    print(prep.describe())
     print(format_report(m, split))
     for note in dm.data.notes:
         print(f"note: {note}")
@@ -217,10 +186,18 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.evaluate ckpt=PATH [data=folder data.root=DIR ...] [split=test|val|train]
     [out_dir=DIR] [batch_size=64] [image_size=N]``."""
-    run_command(evaluate, argv)
+    own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+
+    # The training config's search path (CONF_DIR), so compose() inside the app finds conf/config.yaml.
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+    @hold_errors
+    def app(cfg: EvaluateConfig) -> None:
+        evaluate(cfg, overrides)
+
+    run_app(app, own, literal_keys=("ckpt", "out_dir"))
 
 
 if __name__ == "__main__":
