@@ -71,7 +71,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         opt = torch.optim.AdamW(param_groups(model.backbone, model.head, model.freeze_plan, hp.lr,
                                              hp.backbone_lr_mult, hp.weight_decay, hp.layer_decay), lr=hp.lr)
         loader = dm.train_dataloader()
-        sched = build_scheduler(opt, hp.sched, args.steps, len(loader), hp.warmup_epochs)
+        sched = build_scheduler(opt, args.steps, len(loader), hp.scheduler["sched"], hp.scheduler["warmup_epochs"])
         model.train()
         step = 0
         while step < args.steps:
@@ -154,7 +154,8 @@ def photos(args: argparse.Namespace) -> dict[str, Any]:
     auto_s = time.perf_counter() - start
 
     # One feature-extraction pass over every image, and the logistic-regression probe on it.
-    dm = ImageDataModule("folder", root, backbone="tf_efficientnet_lite0", augment="none", val_fraction=0.2, seed=42)
+    dm = ImageDataModule("folder", root=root, backbone="tf_efficientnet_lite0", augment="none", val_fraction=0.2,
+                         num_workers=0, seed=42)
     model = FineTuneModule("tf_efficientnet_lite0", num_classes=dm.num_classes, freeze="head_only")
     feats = FeatureDataModule(dm, model)
     start = time.perf_counter()

@@ -5,8 +5,8 @@
 A folder of photo crops saved as JPEG files (decoded from disk every epoch, like a user's
 folder), tf_efficientnet_lite0 at 224 px, the train pipeline of ``data=folder`` (random resized
 crop, flip, normalize). Measured side by side in one run: the loader alone (no model) with the
-default workers of ``conf/data/folder.yaml`` and with 0 workers, then training steps of
-``freeze=none`` and ``freeze=head_only`` on in-memory batches (no loader). Prints the ratios
+default workers of ``data=folder`` (``finetune.data.sources.Folder``) and with 0 workers, then
+training steps of ``freeze=none`` and ``freeze=head_only`` on in-memory batches (no loader). Prints the ratios
 loader / step; the loader keeps up when the ratio is above 1 (target: 3x).
 """
 
@@ -36,7 +36,7 @@ def _write_jpegs(root: Path, images: int) -> None:
 def loader_rate(root: Path, workers: int, batch_size: int, epochs: int) -> float:
     from finetune import ImageDataModule
 
-    dm = ImageDataModule("folder", root, backbone="tf_efficientnet_lite0", batch_size=batch_size,
+    dm = ImageDataModule("folder", root=root, backbone="tf_efficientnet_lite0", batch_size=batch_size,
                          num_workers=workers, val_fraction=0.2)
     loader = dm.train_dataloader()
     it = iter(loader)
@@ -76,11 +76,9 @@ def step_rate(freeze: str, batch_size: int, steps: int) -> float:
 
 
 def main() -> None:
-    from omegaconf import OmegaConf
+    from finetune.data.sources import Folder
 
-    from finetune.config import CONF_DIR
-
-    default_workers = int(OmegaConf.load(CONF_DIR / "data" / "folder.yaml").num_workers)
+    default_workers = Folder().num_workers
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=240)
     p.add_argument("--batch-size", type=int, default=16)

@@ -40,7 +40,7 @@ def cache_features_reason(module: FineTuneModule, images: ImageDataModule) -> st
     if not module.freeze_plan.backbone_frozen_throughout:
         return f"the backbone trains (freeze={module.strategy.name}); caching needs freeze=head_only"
     if not images.train_is_deterministic:
-        return f"train images are augmented (augment={images.augment['name']}); caching needs augment=none"
+        return f"train images are augmented (augment={images.augment.name}); caching needs augment=none"
     return None
 
 

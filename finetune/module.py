@@ -63,7 +63,7 @@ def _class_weight_tensor(class_weights: Sequence[float] | None, num_classes: int
     if isinstance(class_weights, str):
         raise FineTuneError(
             f"class_weights '{class_weights}' needs the training data; pass one float per class "
-            "(the config's head.class_weights=balanced is computed in finetune.train.build_module)"
+            "(the config's loss.class_weights=balanced is computed in finetune.builders.build_module)"
         )
     weights = [float(w) for w in class_weights]
     if len(weights) != num_classes:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import write_image
 from finetune.data import ImageDataModule
 from finetune.data.images import load_image
 from finetune.data.sources import digits, folder
@@ -63,6 +65,22 @@ def test_folder_counts_ignored_files(make_folder) -> None:
     assert any("ignored 1 file" in n for n in data.notes)
 
 
+def test_folder_skips_hidden_files_and_folders(make_folder) -> None:
+    """Notebook checkpoints and dot-files are copies or metadata, not training images (predict skips them too)."""
+    root = make_folder(classes=2, per_class=4, splits=("train", "val"))
+    rng = np.random.default_rng(1)
+    hidden = [write_image(root / "train" / "class_0" / ".ipynb_checkpoints" / "0-checkpoint.png", rng),
+              write_image(root / "train" / "class_1" / "sub" / ".cache" / "x.png", rng),
+              write_image(root / "val" / "class_1" / "._1.png", rng)]
+    write_image(root / "train" / "class_1" / "sub" / "kept.png", rng)  # a visible sub-folder still counts
+    data = folder(root)
+    items = {str(p) for s in data.splits.values() for p in s.items}
+    assert not items & {str(p) for p in hidden}
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 9, "val": 8}
+    assert "train: ignored 2 hidden file(s) or file(s) in hidden folders" in data.notes
+    assert "val: ignored 1 hidden file(s) or file(s) in hidden folders" in data.notes
+
+
 def test_folder_bad_input(tmp_path: Path, make_folder) -> None:
     with pytest.raises(FineTuneError, match="does not exist"):
         folder(tmp_path / "nope")
@@ -113,12 +131,13 @@ def test_transforms_shape_normalization_and_determinism() -> None:
 
 def test_datamodule_uses_backbone_preprocessing(make_folder) -> None:
     root = make_folder(classes=2, per_class=5)
-    dm = ImageDataModule("folder", root, backbone="test_efficientnet", val_fraction=0.2, batch_size=4)
+    dm = ImageDataModule("folder", root=root, backbone="test_efficientnet", val_fraction=0.2, batch_size=4,
+                         num_workers=0)
     assert dm.image_size == 160 and dm.mean == (0.485, 0.456, 0.406)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 160, 160) and y.dtype == torch.int64
     assert dm.class_counts() == {"train": [4, 4], "val": [1, 1]}
-    dm2 = ImageDataModule("folder", root, backbone="test_efficientnet", image_size=48)
+    dm2 = ImageDataModule("folder", root=root, backbone="test_efficientnet", image_size=48)
     assert dm2.image_size == 48
 
 
@@ -149,8 +168,8 @@ def test_augment_presets_build_and_none_trains_on_the_eval_pipeline() -> None:
 
 
 def test_augment_ops_are_overridable_from_the_command_line() -> None:
+    from finetune.builders import build_datamodule
     from finetune.config import compose
-    from finetune.train import build_datamodule
 
     cfg = compose(["augment=medium", "augment.ops.affine.p=0.25", "~augment.ops.color_jitter", "data.image_size=32"])
     dm = build_datamodule(cfg)
@@ -167,3 +186,130 @@ def test_augmentations_are_seeded_by_the_datamodule_seed() -> None:
 
     assert torch.equal(crops(1), crops(1))
     assert not torch.equal(crops(1), crops(2))
+
+
+# -- sources as registered dataclasses ---------------------------------------------------------
+
+
+def test_each_source_is_a_typed_structured_config() -> None:
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from finetune.data.sources import SOURCES, Source
+
+    assert set(SOURCES) == {"csv", "digits", "fashion_mnist", "folder", "photos", "torchvision"}
+    base = {f.name: f for f in dataclasses.fields(Source)}
+    for name, cls in SOURCES.items():
+        cfg = OmegaConf.structured(cls)
+        assert cfg.source == name and set(base) <= set(cfg)
+        with pytest.raises(ValidationError):
+            OmegaConf.merge(cfg, {"val_fraction": "x"})
+        with pytest.raises(ValidationError):
+            OmegaConf.merge(cfg, {"batch_size": "many"})
+
+
+def test_source_defaults_come_from_its_dataclass() -> None:
+    """What the CLI composes for data=NAME is what ImageDataModule(NAME) uses: one place for defaults."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from finetune.config import compose
+    from finetune.data.sources import SOURCES
+
+    digits_dm = ImageDataModule("digits")
+    # The digits' own choices, not the generic ones (224 px from the backbone, hflip 0.5, timm's scale).
+    assert (digits_dm.image_size, digits_dm.hflip, digits_dm.scale, digits_dm.batch_size) == (64, 0.0, (0.7, 1.0), 64)
+    assert digits_dm.num_workers == 0 and digits_dm.source.test_fraction == 0.2
+    generic = ImageDataModule("folder", root="unused", backbone="test_efficientnet")
+    assert (generic.image_size, generic.hflip, generic.scale, generic.num_workers) == (160, 0.5, (0.08, 1.0), 2)
+    for name, cls in SOURCES.items():
+        composed = OmegaConf.to_container(compose([f"data={name}"]).data)
+        assert composed == dataclasses.asdict(cls()), name
+
+
+def test_unknown_source_or_option_is_one_line_naming_the_choices(make_folder) -> None:
+    from finetune.data.sources import Folder
+
+    with pytest.raises(FineTuneError, match="unknown data source 'foldr'; choose one of csv, digits, .*folder"):
+        ImageDataModule("foldr")
+    with pytest.raises(FineTuneError, match=r"data=folder has no option\(s\) rooot; it takes .*\broot\b.*val_fraction"):
+        ImageDataModule("folder", rooot="x")
+    with pytest.raises(FineTuneError, match=r"data=digits has no option\(s\) root"):
+        ImageDataModule("digits", root="x")
+    data = digits(seed=0)
+    with pytest.raises(FineTuneError, match=r"ready DataSplits has no option\(s\) val_fraction; it takes image_size"):
+        ImageDataModule(data, val_fraction=0.5)
+    # A ready Source takes its own fields as overrides.
+    root = make_folder(classes=2, per_class=4)
+    dm = ImageDataModule(Folder(root=str(root)), val_fraction=0.5, image_size=16)
+    assert dm.class_counts()["val"] == [2, 2] and dm.image_size == 16
+
+
+def test_a_new_source_is_one_registered_class() -> None:
+    from dataclasses import dataclass
+
+    from omegaconf import OmegaConf
+
+    from finetune.data.sources import SOURCES, DataSplits, Source, Split, hold_out, register
+
+    @register("tiny")
+    @dataclass
+    class Tiny(Source):
+        source: str = "tiny"
+        image_size: Optional[int] = 16
+        num_workers: int = 0
+        per_class: int = 6
+
+        def load(self, seed: int) -> DataSplits:
+            labels = np.repeat(np.arange(2), self.per_class)
+            items = [np.full((8, 8, 3), 200 * label, np.uint8) for label in labels]
+            train, val = hold_out(Split(items, labels), 0.5, seed)
+            return DataSplits("tiny", ["dark", "light"], {"train": train, "val": val})
+
+    try:
+        dm = ImageDataModule("tiny", per_class=4, batch_size=2, augment="none")
+        assert dm.image_size == 16 and dm.class_counts() == {"train": [2, 2], "val": [2, 2]}
+        x, y = next(iter(dm.train_dataloader()))
+        assert x.shape == (2, 3, 16, 16) and set(y.tolist()) <= {0, 1}
+        assert OmegaConf.structured(Tiny).per_class == 6
+        with pytest.raises(FineTuneError, match=r"data=tiny has no option\(s\) size"):
+            ImageDataModule("tiny", size=3)
+    finally:
+        SOURCES.pop("tiny", None)
+    with pytest.raises(TypeError, match="source must default to 'other'"):
+        register("other")(Tiny)
+
+
+def test_datamodule_accepts_the_builders_call(make_folder) -> None:
+    """builders.py passes cfg.data as a plain dict, its 'source' key included, and cfg.augment as one."""
+    root = make_folder(classes=2, per_class=5)
+    data = {"source": "folder", "root": str(root), "image_size": 24, "num_workers": 0, "val_fraction": 0.4,
+            "scale": [0.5, 1.0], "mean": None, "sampler": None, "on_bad_image": "skip"}
+    dm = ImageDataModule(backbone="test_resnet", seed=3, augment={"name": "none", "no_aug": True, "ops": {}}, **data)
+    assert dm.class_counts()["val"] == [2, 2] and dm.image_size == 24 and dm.scale == (0.5, 1.0)
+    assert dm.mean == (0.5, 0.5, 0.5) and dm.interpolation == "bilinear"  # test_resnet's pretrained config
+    assert dm.train_is_deterministic and dm.on_bad_image == "skip" and dm.seed == 3
+
+
+def test_augment_config_forms() -> None:
+    from finetune.data.augment import AUGMENT_PRESETS, AugmentConfig, resolve_augment
+
+    assert resolve_augment("none").no_aug and not resolve_augment("heavy").no_aug
+    only_ops = resolve_augment({"ops": {"flip": {"_target_": "albumentations.VerticalFlip"}}})
+    assert not only_ops.no_aug and only_ops.name == "custom"
+    # A label is only a label: an unaugmented config named anything trains on the eval pipeline.
+    dm = ImageDataModule("digits", image_size=16, augment=AugmentConfig(name="plain", no_aug=True))
+    dm.setup()
+    assert dm.train_is_deterministic and dm.datasets["train"].transform is dm.datasets["val"].transform
+    assert not ImageDataModule("digits", augment={"name": "none"}).train_is_deterministic
+    mine = resolve_augment("medium")
+    mine.ops.pop("affine")
+    assert "affine" in AUGMENT_PRESETS["medium"].ops  # a resolved preset is the caller's copy
+    with pytest.raises(FineTuneError, match="augment=none takes no ops"):
+        resolve_augment({"name": "none", "no_aug": True, "ops": {"x": {"_target_": "albumentations.Blur"}}})
+    with pytest.raises(FineTuneError, match=r"augment has no option\(s\) opps"):
+        resolve_augment({"opps": {}})
+

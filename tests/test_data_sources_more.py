@@ -14,7 +14,8 @@ from finetune.config import compose
 from finetune.data import ImageDataModule
 from finetune.data.sources import DataSplits, Split, csv_source, torchvision_source
 from finetune.errors import FineTuneError
-from finetune.train import build_datamodule, build_module, train
+from finetune.builders import build_datamodule, build_module
+from finetune.train import train
 
 TINY = ["backbone.name=test_resnet", "backbone.pretrained=false", "data.image_size=32"]
 
@@ -51,7 +52,7 @@ def test_csv_without_split_column_holds_out_val(tmp_path: Path) -> None:
     assert len(data.splits["train"]) == 12 and "test" not in data.splits
     assert not set(data.splits["train"].items) & set(data.splits["val"].items)
     assert all(p.is_file() for p in data.splits["train"].items)  # resolved against the CSV's folder
-    assert csv_source(tmp_path / "list.csv", 0.25, seed=0).splits["val"].items == data.splits["val"].items
+    assert csv_source(tmp_path / "list.csv", val_fraction=0.25, seed=0).splits["val"].items == data.splits["val"].items
 
 
 def test_csv_split_column(tmp_path: Path) -> None:
@@ -143,7 +144,7 @@ def test_torchvision_fake_mnist_loads(tmp_path: Path) -> None:
     img = data.splits["train"].items[0]
     assert img.shape == (28, 28, 3) and img.dtype == np.uint8
     assert np.bincount(data.splits["val"].labels).tolist() == [3] * 10
-    dm = ImageDataModule("torchvision", root, name="MNIST", image_size=32, batch_size=5, val_fraction=0.5)
+    dm = ImageDataModule("torchvision", root=root, name="MNIST", image_size=32, batch_size=5, val_fraction=0.5)
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (5, 3, 32, 32) and y.tolist() == [0, 1, 2, 3, 4]
 
@@ -166,20 +167,20 @@ def test_torchvision_missing_files_and_bad_names(tmp_path: Path) -> None:
 def test_balanced_class_weights_from_an_imbalanced_folder(tmp_path: Path) -> None:
     _images(tmp_path / "imb", {"many": 12, "few": 4, "some": 8})
     cfg = compose([*TINY, "data=folder", f"data.root={tmp_path / 'imb'}", "data.val_fraction=0.25",
-                   "head.class_weights=balanced"])
+                   "loss.class_weights=balanced"])
     dm = build_datamodule(cfg)
     counts = dm.class_counts()["train"]
     assert dm.classes == ["few", "many", "some"] and counts == [3, 9, 6]
-    model = build_module(cfg, dm.num_classes, dm.classes, counts)
+    model = build_module(cfg, dm)
     expected = [18 / (3 * 3), 18 / (3 * 9), 18 / (3 * 6)]
     assert model.criterion.weight.tolist() == pytest.approx(expected)
     assert model.hparams["class_weights"] == pytest.approx(expected)
 
-    listed = compose([*TINY, "head.class_weights=[1.0,2.0,3.0]"])
-    assert build_module(listed, 3).criterion.weight.tolist() == [1.0, 2.0, 3.0]
+    listed = compose([*TINY, "loss.class_weights=[1.0,2.0,3.0]"])
+    assert build_module(listed, dm).criterion.weight.tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(FineTuneError, match="2 value"):
-        build_module(compose([*TINY, "head.class_weights=[1.0,2.0]"]), 3)
-    assert build_module(compose(TINY), 3).criterion.weight is None
+        build_module(compose([*TINY, "loss.class_weights=[1.0,2.0]"]), dm)
+    assert build_module(compose(TINY), dm).criterion.weight is None
 
 
 def test_weighted_sampler_evens_out_classes() -> None:

@@ -12,6 +12,7 @@ from finetune.config import compose
 from finetune.data import ImageDataModule
 from finetune.data import sources
 from finetune.data.photos import DEFAULT_PHOTOS, write_photo_folder
+from finetune.data.sources import fashion as fashion_source
 from finetune.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist, folder, photos, read_idx
 from finetune.errors import FineTuneError
 from finetune.train import train
@@ -87,7 +88,7 @@ def test_fashion_mnist_reads_plain_and_gzipped_idx(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_missing_folder_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(fashion_source, "FASHION_MNIST_DIR", tmp_path / "not-installed")
     with pytest.raises(FineTuneError, match="apt-get install dataset-fashion-mnist") as e:
         fashion_mnist()
     assert "\n" not in str(e.value) and "not-installed" in str(e.value)
@@ -169,11 +170,14 @@ def test_datamodule_passes_photos_arguments() -> None:
 @needs_fashion_mnist
 def test_train_on_fashion_mnist_subset(tmp_path: Path) -> None:
     cfg = compose(["backbone.name=test_resnet", "backbone.pretrained=false", "data=fashion_mnist",
-                   "data.train_per_class=20", "data.image_size=32", "trainer.max_epochs=1",
+                   "data.train_per_class=20", "data.image_size=32", "data.batch_size=16", "trainer.max_epochs=5",
                    "trainer.enable_progress_bar=false",
-                   # Scoring all 16k val+test images takes ~35 s on 2 CPU cores; 4 batches each show it runs.
-                   "+trainer.limit_val_batches=4", "+trainer.limit_test_batches=4"])
+                   # Scoring all 16k val+test images takes ~35 s on 2 CPU cores; 64 val and 128 test images
+                   # tell a model that learned from one at chance.
+                   "+trainer.limit_val_batches=4", "+trainer.limit_test_batches=8"])
     m = train(cfg, tmp_path)
     assert m["split_sizes"] == {"train": 200, "val": 6000, "test": 10000}
-    assert m["epochs"] == 1 and m["num_classes"] == 10 and m["data"].startswith("fashion_mnist:")
-    assert 0.0 <= m["test_acc"] <= 1.0
+    assert m["epochs"] == 5 and m["num_classes"] == 10 and m["data"].startswith("fashion_mnist:")
+    # Chance is 0.1. The same run on 28 px digits written as Fashion-MNIST IDX files scores 0.70-0.73
+    # (seeds 1-4, 42); images and labels out of step, or a broken split, would score about 0.1.
+    assert m["test_acc"] > 0.3

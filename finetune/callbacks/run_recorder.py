@@ -161,7 +161,7 @@ class RunRecorder(Callback):
             "trainable_params_first_epoch": model.trainable_params_at(0),
             "total_params": model.total_params(),
             "best_checkpoint": best or None,
-            "augment": dm.augment["name"],
+            "augment": dm.augment.name,
             "cached_features": fit_dm is not dm,
             "precision": str(trainer.precision),
         }

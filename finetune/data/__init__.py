@@ -1,6 +1,10 @@
-"""Data sources, albumentations pipelines and the ImageDataModule."""
+"""Data sources (a registry, one module each), augmentation presets, albumentations pipelines and the ImageDataModule."""
 
+from finetune.data.augment import AUGMENT_PRESETS, AugmentConfig
 from finetune.data.datamodule import ImageDataModule, ImageDataset, backbone_data_config
-from finetune.data.sources import SOURCES, DataSplits, Split, build_source
+from finetune.data.sources import SOURCES, DataSplits, Source, Split, build_source, register
 
-__all__ = ["SOURCES", "DataSplits", "ImageDataModule", "ImageDataset", "Split", "backbone_data_config", "build_source"]
+__all__ = [
+    "AUGMENT_PRESETS", "SOURCES", "AugmentConfig", "DataSplits", "ImageDataModule", "ImageDataset", "Source", "Split",
+    "backbone_data_config", "build_source", "register",
+]

@@ -9,7 +9,9 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-__all__ = ["INTERPOLATIONS", "eval_transform", "train_transform"]
+from finetune.errors import FineTuneError
+
+__all__ = ["CROP_MODES", "INTERPOLATIONS", "eval_transform", "train_transform"]
 
 # timm's interpolation names -> OpenCV flags.
 INTERPOLATIONS = {
@@ -51,18 +53,47 @@ def train_transform(
     return A.Compose(ops)
 
 
+CROP_MODES = ("center", "squash", "border")
+
+
 def eval_transform(
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     crop_pct: float = 0.875,
     interpolation: str = "bicubic",
+    crop_mode: str = "center",
 ) -> A.Compose:
-    """Resize the short side to ``image_size / crop_pct``, then center crop (deterministic)."""
+    """Resize to ``image_size / crop_pct``, then crop to ``image_size`` (deterministic).
+
+    ``crop_mode`` is the pretrained config's, with the semantics of timm's
+    ``transforms_imagenet_eval``:
+
+    - ``center``: resize the short side, keep the aspect ratio, center crop (the long side's
+      edges are lost);
+    - ``squash``: resize both sides (the aspect ratio is not kept), center crop; with
+      ``crop_pct=1`` no pixel is lost;
+    - ``border``: resize the long side, keep the aspect ratio, pad the short side with the
+      mean color, center crop; with ``crop_pct=1`` no pixel is lost.
+    """
     resize = int(math.floor(image_size / crop_pct))
+    interp = _interp(interpolation)
+    if crop_mode == "center":
+        ops: list[A.BasicTransform] = [A.SmallestMaxSize(max_size=resize, interpolation=interp)]
+    elif crop_mode == "squash":
+        ops = [A.Resize(height=resize, width=resize, interpolation=interp)]
+    elif crop_mode == "border":
+        # timm pads with the mean color (in 0..255), so padding normalizes to zero.
+        fill = tuple(float(round(255 * m)) for m in mean)
+        ops = [
+            A.LongestMaxSize(max_size=resize, interpolation=interp),
+            A.PadIfNeeded(min_height=image_size, min_width=image_size, border_mode=cv2.BORDER_CONSTANT, fill=fill),
+        ]
+    else:
+        raise FineTuneError(f"unknown crop_mode '{crop_mode}'; choose one of {', '.join(CROP_MODES)}")
     return A.Compose(
         [
-            A.SmallestMaxSize(max_size=resize, interpolation=_interp(interpolation)),
+            *ops,
             A.CenterCrop(height=image_size, width=image_size),
             A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
             ToTensorV2(),
