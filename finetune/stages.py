@@ -55,9 +55,9 @@ def describe(backbone_name: str, freeze_options: Mapping[str, Any] | None = None
     total = sum(sizes.values())
     strategies = {s.label(): s for s in strategies_with(freeze_options or {}).values()}
     plans = {k: FreezePlan.build(model, s) for k, s in strategies.items()}
-    width = max(12, *(len(k) for k in plans))
+    width = {k: max(12, len(k)) for k in plans}
     lines = [f"{backbone_name}: {len(stages)} stages, {total:,} backbone parameters (head not included)", ""]
-    header = f"{'stage':>5}  {'label':<28} {'params':>12}  " + "  ".join(f"{k:>{width}}" for k in plans)
+    header = f"{'stage':>5}  {'label':<28} {'params':>12}  " + "  ".join(f"{k:>{width[k]}}" for k in plans)
     lines += [header, "-" * len(header)]
     for st in stages:
         cells = []
@@ -68,7 +68,7 @@ def describe(backbone_name: str, freeze_options: Mapping[str, Any] | None = None
             else:
                 cells.append("train" if start == 0 else "frozen")
         count = sum(sizes[p] for p in st.param_names)
-        lines.append(f"{st.index:>5}  {st.label:<28} {count:>12,}  " + "  ".join(f"{c:>{width}}" for c in cells))
+        lines.append(f"{st.index:>5}  {st.label:<28} {count:>12,}  " + "  ".join(f"{c:>{width[k]}}" for k, c in zip(plans, cells)))
     lines += ["", f"backbone parameters that train (at the last of {epochs} epochs for schedules that unfreeze):"]
     for k, plan in plans.items():
         trained = sum(sizes[p] for p in sizes if plan.trains(p, epochs - 1))

@@ -42,20 +42,21 @@ def test_wheel_ships_configs_and_recipes(installed: Path, tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr
     conf_dir, recipes = r.stdout.strip().splitlines()
     assert Path(conf_dir).is_relative_to(installed)  # the wheel's copy, not this checkout's
-    assert "linear_probe" in recipes and "full_finetune" in recipes
+    assert "small_similar" in recipes and "small_dissimilar" in recipes
     assert not (installed / "finetune" / "conf" / "recipe").exists()  # Hydra #2511: no duplicate group
 
 
 def test_installed_cli_composes_a_recipe_from_another_directory(installed: Path, tmp_path: Path) -> None:
-    r = _run(installed, tmp_path, "-m", "finetune", "+recipe=linear_probe", "--cfg", "job")
+    r = _run(installed, tmp_path, "-m", "finetune", "+recipe=small_similar", "data=photos", "--cfg", "job")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "recipe: linear_probe" in r.stdout and "name: head_only" in r.stdout
+    # The recipe's freeze, and a data source's own defaults: the structured configs came with the wheel.
+    assert "recipe: small_similar" in r.stdout and "name: head_only" in r.stdout and "per_class: 60" in r.stdout
     assert not any(tmp_path.iterdir())  # --cfg job writes nothing
 
 
 def test_installed_cli_trains_from_another_directory(installed: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = _run(installed, tmp_path, "-m", "finetune", "+recipe=linear_probe", "backbone.name=test_resnet",
+    r = _run(installed, tmp_path, "-m", "finetune", "+recipe=small_similar", "backbone.name=test_resnet",
              "backbone.pretrained=false", "data.image_size=32", "trainer.max_epochs=1",
              "trainer.enable_progress_bar=false", "+trainer.limit_train_batches=2", f"hydra.run.dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
