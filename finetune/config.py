@@ -29,7 +29,7 @@ from finetune.data.augment import AUGMENT_PRESETS, AugmentConfig
 from finetune.data.sources import SOURCES
 from finetune.heads import HEADS
 from finetune.optim import build_scheduler
-from finetune.strategies import STRATEGIES
+from finetune.strategies import STRATEGIES, compared_strategies
 
 __all__ = [
     "CONF_DIR", "RECIPES_DIR", "AdviseConfig", "BackboneConfig", "Config", "LossConfig", "OptimConfig",
@@ -215,6 +215,8 @@ def register_recipes() -> None:
 def register_configs() -> None:
     """Store the schema and every group option from the registries (idempotent), and the recipes."""
     cs = ConfigStore.instance()
+    # +recipe=compare sweeps ${compared_strategies:}: the registry's, so a new strategy joins the comparison.
+    OmegaConf.register_new_resolver("compared_strategies", compared_strategies, replace=True)
     cs.store(name="base_config", node=Config)
     for name in BACKBONES:
         cs.store(group="backbone", name=name, node=BackboneConfig(name=name))

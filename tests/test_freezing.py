@@ -233,6 +233,9 @@ def test_a_new_strategy_is_one_class_and_its_registration() -> None:
         with pytest.raises(Exception, match="offset"):
             compose(["freeze=odd_stages", "freeze.offset=two"])
         assert "odd_stages offset=1" in describe("test_efficientnet")
+        from finetune.strategies import compared_strategies
+
+        assert "odd_stages" in compared_strategies().split(",")  # +recipe=compare sweeps it too
     finally:
         STRATEGIES.pop("odd_stages")
 

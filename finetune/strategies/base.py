@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 from torch import nn
 
 from finetune.errors import FineTuneError
 from finetune.stage_groups import Stage
 
-__all__ = ["STRATEGIES", "FreezeStrategy", "get_strategy", "register"]
+__all__ = ["STRATEGIES", "FreezeStrategy", "compared_strategies", "get_strategy", "register"]
 
 
 @dataclass
@@ -47,6 +47,8 @@ class FreezeStrategy:
 
     name: str = ""
     train_bn: bool = False
+    # Whether +recipe=compare sweeps it with its defaults (not a config field: ClassVar).
+    compared: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,3 +109,8 @@ def get_strategy(spec: "str | FreezeStrategy | Mapping[str, Any]") -> FreezeStra
     if extra:
         raise FineTuneError(f"freeze={name} has no option(s) {extra}; it takes {sorted(known - {'name'})}")
     return cls(**values)
+
+
+def compared_strategies() -> str:
+    """The strategies ``+recipe=compare`` sweeps, as a Hydra sweep value (``none,head_only,...``)."""
+    return ",".join(name for name, cls in STRATEGIES.items() if cls.compared)

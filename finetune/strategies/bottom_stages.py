@@ -6,6 +6,7 @@ Surgical fine-tuning for input-level shift (Lee et al. 2023).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from finetune.errors import FineTuneError
 from finetune.strategies.base import FreezeStrategy, register
@@ -15,6 +16,7 @@ from finetune.strategies.base import FreezeStrategy, register
 @dataclass
 class BottomStages(FreezeStrategy):
     name: str = "bottom_stages"
+    compared: ClassVar[bool] = False  # surgical fine-tuning for input-level shift: a deliberate choice, not a standard to compare
     n: int = 2
 
     def validate(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import ClassVar, List, Sequence
 
 from torch import nn
 
@@ -23,6 +23,7 @@ class Patterns(FreezeStrategy):
     """
 
     name: str = "patterns"
+    compared: ClassVar[bool] = False  # needs patterns of the user's own: nothing to sweep with its defaults
     trainable: List[str] = field(default_factory=list)
     frozen: List[str] = field(default_factory=list)
 
