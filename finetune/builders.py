@@ -29,8 +29,28 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def _unknown_keys(node: Any, path: str = "") -> list[str]:
+    """Keys of typed config nodes that their dataclass does not have (``+ckpt_path=...`` would be ignored)."""
+    import dataclasses
+
+    kind = OmegaConf.get_type(node)
+    found: list[str] = []
+    if kind is not None and dataclasses.is_dataclass(kind) and kind.__name__ != "TrainerConfig":
+        known = {f.name for f in dataclasses.fields(kind)}
+        found += [f"{path}{k}" for k in node.keys() if k not in known]
+    for k in node.keys():
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and k not in ("callbacks", "logger"):
+            found += _unknown_keys(child, f"{path}{k}.")
+    return found
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Values the types cannot check, before anything slow runs."""
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        hint = "; to continue a run use resume=RUN_DIR" if any("ckpt" in k for k in unknown) else ""
+        raise FineTuneError(f"unknown config key(s) {', '.join(unknown)}: nothing reads them{hint}")
     if cfg.evaluate not in _EVALUATE:
         raise FineTuneError(f"evaluate must be one of {', '.join(_EVALUATE)}, got '{cfg.evaluate}'")
     callbacks = {k: v for k, v in (_plain(cfg.callbacks) or {}).items() if v}

@@ -19,27 +19,39 @@ from omegaconf import DictConfig
 from finetune.advise import follow_advice
 from finetune.compare import write_failure
 from finetune.config import CONF_DIR, compose, register_configs
-from finetune.errors import FineTuneError, error_line, run_hydra
+from finetune.command import hold_errors, run_app
+from finetune.errors import FineTuneError, error_line
+from finetune.resume import resume_config
+from finetune.rundir import claim_run_dir
 from finetune.train import train
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@hold_errors  # a user error reaches run_hydra as one line, without Hydra's "Error executing job" banner
 def _main(cfg: DictConfig) -> float | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
     # In a sweep, one failed run must not abort the others (Hydra's sweepers re-raise a job's exception):
     # it leaves a failure record for the comparison report, and the sweep goes on.
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         precomputed, extra = [], None
-        if cfg.recipe == "auto":
-            cfg, extra, precomputed = follow_advice(cfg, list(hydra_cfg.overrides.task), run_dir)
-        metrics = train(cfg, run_dir, precomputed, extra)
+        if cfg.resume:
+            cfg, _, extra = resume_config(cfg.resume, [o for o in overrides if not o.startswith("resume=")])
+            run_dir = Path(cfg.resume)
+        # Nothing is written before the directory is ours: another run may hold it, or a finished one.
+        with claim_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume)):
+            if not cfg.resume:
+                _save_hydra_files(run_dir, cfg)
+            if cfg.recipe == "auto":
+                cfg, extra, precomputed = follow_advice(cfg, overrides, run_dir)
+            metrics = train(cfg, run_dir, precomputed, extra)
     except (FineTuneError, HydraException, OmegaConfBaseException) as e:
         if not in_sweep:
             raise
@@ -56,14 +68,28 @@ def _main(cfg: DictConfig) -> float | None:
     return metrics.get("val_acc")
 
 
+def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """What Hydra writes into ``.hydra/`` (its ``output_subdir``, turned off in conf/config.yaml so it waits for the lock)."""
+    from omegaconf import OmegaConf
+
+    hydra_cfg = HydraConfig.get()
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
+
+
 def run_job(overrides: Sequence[str], run_dir: str | Path) -> dict[str, Any]:
     """What ``python -m finetune OVERRIDES hydra.run.dir=RUN_DIR`` does (``+recipe=auto`` included), from Python."""
     cfg = compose(overrides)
     precomputed, extra = [], None
     if cfg.recipe == "auto":
-        cfg, extra, precomputed = follow_advice(cfg, list(overrides), run_dir)
+        with claim_run_dir(run_dir, cfg.overwrite):  # held through train(): the advice writes first
+            cfg, extra, precomputed = follow_advice(cfg, list(overrides), run_dir)
+            return train(cfg, run_dir, precomputed, extra)
     return train(cfg, run_dir, precomputed, extra)
 
 
 def main() -> None:
-    run_hydra(_main)
+    run_app(_main)

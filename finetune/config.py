@@ -176,6 +176,8 @@ class Config:
         evaluate: val/test metrics of the last epoch's weights (checkpoints/last.ckpt), or of the best
             val/acc epoch (checkpoints/best.ckpt). last: the cosine schedule ends converged, while on a
             small val set (180 digits) "best" is often an early epoch tied by chance.
+        resume: a run directory to continue from its checkpoints/last.ckpt, with that run's own config.
+        overwrite: run in a directory that already holds a run, removing that run's files first.
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -194,11 +196,21 @@ class Config:
     cache_features: Any = "auto"
     compile: Any = False
     evaluate: str = "last"
+    resume: Optional[str] = None
+    overwrite: bool = False
 
 
 # The backbones offered as backbone=NAME (any timm name works as backbone.name=NAME).
 BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "resnet18", "resnet50",
              "convnext_tiny", "vit_small_patch16_224")
+
+
+def _run_dir(resume: str | None, new: str) -> str:
+    if resume in (None, ""):
+        return new
+    from finetune.resume import last_checkpoint
+
+    return str(last_checkpoint(resume).parent.parent)
 
 
 def recipe_names() -> list[str]:
@@ -217,6 +229,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     # +recipe=compare sweeps ${compared_strategies:}: the registry's, so a new strategy joins the comparison.
     OmegaConf.register_new_resolver("compared_strategies", compared_strategies, replace=True)
+    # hydra.run.dir is the resumed run's own directory with resume=RUN (checked before Hydra creates it), else a new one.
+    OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
     cs.store(name="base_config", node=Config)
     for name in BACKBONES:
         cs.store(group="backbone", name=name, node=BackboneConfig(name=name))

@@ -36,8 +36,11 @@ def error_line(e: BaseException) -> str:
     """
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(e, FineTuneError):
-        return _one_line(str(e)) or type(e).__name__
+    ours: BaseException | None = e
+    while ours is not None and not isinstance(ours, FineTuneError):  # ours, raised inside Hydra or a resolver
+        ours = ours.__cause__ or ours.__context__
+    if isinstance(ours, FineTuneError):
+        return _one_line(str(ours)) or type(ours).__name__
     # Hydra wraps OmegaConf's error (which knows the key) in its own: use the innermost that says more.
     inner: BaseException | None = e
     while inner is not None and not isinstance(inner, OmegaConfBaseException):

@@ -221,7 +221,7 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         # Features are small tensors in memory: worker processes would only add overhead.
-        sampler = self.images.train_sampler() if split == "train" else None
+        sampler = self.images.train_sampler(self.trainer) if split == "train" and shuffle else None
         return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler)
 

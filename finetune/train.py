@@ -17,6 +17,8 @@ from finetune.builders import build_datamodule, build_fit_datamodule, build_modu
 from finetune.callbacks import RunRecorder, best_checkpoint
 from finetune.errors import FineTuneError
 from finetune.features import PrecomputedFeatures
+from finetune.resume import last_checkpoint
+from finetune.rundir import claim_run_dir
 
 __all__ = ["train"]
 
@@ -44,15 +46,19 @@ def train(
     if cfg.recipe == "auto":
         raise FineTuneError("recipe auto is resolved by finetune.advise.follow_advice (the CLI does it) before train()")
     check_run_config(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with claim_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume)) as run_dir:
+        return _train(cfg, run_dir, precomputed, extra)
+
+
+def _train(cfg: DictConfig, run_dir: Path, precomputed: Sequence[PrecomputedFeatures], extra: Mapping | None) -> dict:
+    ckpt_path = last_checkpoint(run_dir) if cfg.resume else None
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     model = build_module(cfg, dm)
     trainer = build_trainer(cfg, run_dir)
     fit_dm = build_fit_datamodule(cfg, dm, model, precomputed)
-    trainer.fit(model, datamodule=fit_dm)
+    trainer.fit(model, datamodule=fit_dm, ckpt_path=ckpt_path)
     # None: the weights in memory, i.e. those after the last epoch.
     ckpt = (best_checkpoint(trainer) or None) if cfg.evaluate == "best" else None
     trainer.validate(model, datamodule=fit_dm, ckpt_path=ckpt, verbose=False)

@@ -1,6 +1,7 @@
 """Lightning callbacks that make up a run (``callbacks`` config group, conf/callbacks/)."""
 
+from finetune.callbacks.epoch_seed import SeedEachEpoch
 from finetune.callbacks.freeze_schedule import FreezeSchedule
 from finetune.callbacks.run_recorder import RunRecorder, best_checkpoint
 
-__all__ = ["FreezeSchedule", "RunRecorder", "best_checkpoint"]
+__all__ = ["FreezeSchedule", "RunRecorder", "SeedEachEpoch", "best_checkpoint"]

@@ -68,7 +68,9 @@ class RunRecorder(Callback):
     ``val/acc``, ...) and every parameter group's learning rate as the
     :class:`~pytorch_lightning.callbacks.LearningRateMonitor` logged it (``lr-AdamW/head``, ...).
     :meth:`finish`, called after the final validation and test, writes ``metrics.json`` and
-    prints the summary.
+    prints the summary. Its rows and training time are part of the checkpoint, so a resumed run
+    reports every epoch. A run stopped by Ctrl-C, or by an error, leaves ``metrics.json`` with
+    ``status: interrupted`` or ``failed`` and the epochs it completed.
     """
 
     def __init__(self) -> None:
@@ -100,13 +102,23 @@ class RunRecorder(Callback):
 
             write_bad_images(dm.bad_images, run_dir / "bad_images.txt")
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "train_time_s": self.train_time_s + self._elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+        self.train_time_s = float(state_dict.get("train_time_s", 0.0))
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._start if self._start else 0.0
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.rows = []
         _reset_peak_memory()
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validation of this epoch has run by now, so its metrics are among the callback metrics.
+        self.rows = [r for r in self.rows if r["epoch"] < trainer.current_epoch]  # a resumed epoch replaces its row
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         for k, v in trainer.callback_metrics.items():
             if not k.endswith("_step"):
@@ -117,10 +129,30 @@ class RunRecorder(Callback):
         self.rows.append(row)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.train_time_s = time.perf_counter() - self._start
+        self.train_time_s += self._elapsed()
+        self._start = 0.0
         self.memory = _peak_memory_mb(trainer)
         if self.rows and trainer.is_global_zero:
             _write_csv(self.rows, self._dir(trainer) / "epochs.csv")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Ctrl-C or a crash: leave a run directory that says so, with what was done, and how to go on.
+        if not trainer.is_global_zero:
+            return
+        run_dir = self._dir(trainer)
+        if self.rows:
+            _write_csv(self.rows, run_dir / "epochs.csv")
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        lines = str(exception).strip().splitlines()
+        record = {
+            "status": "interrupted" if interrupted else "failed",
+            **({} if interrupted else {"error": f"{type(exception).__name__}: {lines[0] if lines else ''}"}),
+            "epochs_completed": len(self.rows),
+            "train_time_s": round(self.train_time_s + self._elapsed(), 2),
+        }
+        if (run_dir / "checkpoints" / "last.ckpt").exists():
+            record["resume"] = f"python -m finetune resume={run_dir}"
+        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def _record(self, trainer: pl.Trainer, stage: str) -> None:
         m = trainer.callback_metrics
@@ -152,6 +184,10 @@ class RunRecorder(Callback):
             "image_size": dm.image_size,
             "num_classes": dm.num_classes,
             "split_sizes": {k: len(v) for k, v in dm.data.splits.items()},
+            "bad_images": len(dm.bad_images),
+            "skipped_during_training": [str(p) for p, _ in dm.skipped_during_training],
+            "duplicates_across_splits": len(dm.duplicates),
+            "duplicate_pairs": [str(d) for d in dm.duplicates[:20]],
             "epochs": epochs,
             "train_time_s": round(self.train_time_s, 2),
             "train_images_per_s": round(images_per_epoch * epochs / max(self.train_time_s, 1e-9), 1),
@@ -170,6 +206,14 @@ class RunRecorder(Callback):
             metrics["features_reused"] = fit_dm.reused_features  # images measured by the advice, not run again
         asked = metrics.pop("precision_asked", None)
         notes = [*dm.data.notes, *notes]
+        skipped = dm.skipped_during_training
+        if skipped:
+            notes.append(f"{len(skipped)} image(s) failed to decode while training (after the scan) and were "
+                         "replaced by the next image of their split; listed in bad_images.txt")
+            if trainer.is_global_zero:
+                from finetune.data.scan import write_bad_images
+
+                write_bad_images([*dm.bad_images, *skipped], self._dir(trainer) / "bad_images.txt")
         if asked and asked != metrics["precision"]:
             # Lightning trains 16-mixed on a CPU as bf16-mixed (fp16 autocast needs a GPU): report what ran.
             metrics["precision_asked"] = asked

@@ -10,10 +10,12 @@ from typing import Any, Mapping
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.augment import AugmentConfig, build_ops, resolve_augment
-from finetune.data.images import load_image
+from finetune.data.duplicates import Duplicate, check_on_duplicate
+from finetune.data.images import UnreadableImage, load_image
+from finetune.data.samplers import EpochSampler, first_epoch, seed_worker_transform
 from finetune.data.scan import check_on_bad_image
 from finetune.data.sources import DataSplits, Source, Split, build_source
 from finetune.data.sources.base import check_fields
@@ -23,29 +25,68 @@ from finetune.errors import FineTuneError
 __all__ = ["ImageDataModule", "ImageDataset", "SplitLoaders", "backbone_data_config"]
 
 
-class ImageDataset(Dataset):
-    """Items that are uint8 RGB arrays or image paths, with integer labels."""
+# How many following items a failed one may try before ``on_bad_image=skip`` gives up on the split.
+_MAX_SUBSTITUTES = 32
 
-    def __init__(self, split: Split, transform: Any) -> None:
+
+class ImageDataset(Dataset):
+    """Items that are uint8 RGB arrays or image paths, with integer labels.
+
+    A file that fails to decode here (it passed the scan, or changed since) raises
+    :class:`~finetune.data.images.UnreadableImage` naming it (``on_bad_image="error"``), or
+    (``"skip"``) is replaced by the next readable item, image and label, so batches keep their
+    shape. Either way its flag in :attr:`failed` is set: the flags live in shared memory, so
+    DataLoader workers' failures reach the main process (:meth:`failed_items`).
+    """
+
+    def __init__(self, split: Split, transform: Any, on_bad_image: str = "error") -> None:
         self.split = split
         self.transform = transform
+        self.on_bad_image = check_on_bad_image(on_bad_image)
+        self.failed = torch.zeros(len(split), dtype=torch.bool)
+        try:
+            self.failed.share_memory_()
+        except RuntimeError:  # no shared memory here: workers could not run either; num_workers=0 still counts
+            pass
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def _image(self, i: int) -> np.ndarray | None:
         item = self.split.items[i]
-        image = item if isinstance(item, np.ndarray) else load_image(item)
-        return self.transform(image=image)["image"], int(self.split.labels[i])
+        if isinstance(item, np.ndarray):
+            return item
+        if self.failed[i] and self.on_bad_image == "skip":
+            return None  # failed in an earlier epoch: the same substitute, without decoding again
+        try:
+            return load_image(item)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken files
+            self.failed[i] = True
+            if self.on_bad_image == "error":
+                why = " ".join(str(e).split())[:160] or type(e).__name__
+                raise UnreadableImage(
+                    f"cannot decode image '{item}': {why} (it passed the scan before training: changed since, or "
+                    "damaged past the scan's checks); data.on_bad_image=skip leaves such files out"
+                ) from None
+            return None
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j, image = i, self._image(i)
+        for _ in range(min(_MAX_SUBSTITUTES, len(self) - 1)):
+            if image is not None:
+                break
+            j = (j + 1) % len(self)
+            image = self._image(j)
+        if image is None:
+            raise FineTuneError(
+                f"image '{self.split.items[i]}' and the {min(_MAX_SUBSTITUTES, len(self) - 1)} after it cannot be "
+                "decoded (data.on_bad_image=skip replaces a few, not a broken data set)"
+            )
+        return self.transform(image=image)["image"], int(self.split.labels[j])
 
-def _seed_worker_transform(worker_id: int) -> None:
-    # Each worker holds a copy of the transform's generator: without a reseed, workers would repeat
-    # each other's crops. torch gives every worker of every epoch its own seed, derived from the run's.
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+    def failed_items(self) -> list[Any]:
+        """The items that failed to decode so far, in this process or its DataLoader workers."""
+        return [self.split.items[i] for i in self.failed.nonzero().flatten().tolist()]
 
 
 def backbone_data_config(backbone: str) -> dict[str, Any]:
@@ -114,7 +155,7 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
     Args:
         source: a registered source name (``digits``, ``folder``, ``csv``, ... see
             :data:`~finetune.data.sources.SOURCES`), a :class:`~finetune.data.sources.Source`,
-            or ready :class:`DataSplits` (which are used as they are: not scanned for bad images).
+            or ready :class:`DataSplits` (which are used as they are: not scanned for bad images or duplicates).
         backbone: timm model name whose pretrained config gives ``image_size``, ``mean``, ``std``,
             ``interpolation``, ``crop_pct`` and ``crop_mode`` where the source does not set them.
         augment: a preset name (``none``, ``light``, ``medium``, ``heavy``), an
@@ -151,20 +192,37 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
             raise FineTuneError(f"unknown sampler '{src.sampler}'; choose null or weighted (data.sampler)")
         self.sampler = src.sampler
         self.on_bad_image = check_on_bad_image(src.on_bad_image)  # now, not when the data is first read
+        self.on_duplicate = check_on_duplicate(src.on_duplicate)
         # A source that draws its images at the input size (photos) sees the size resolved from the backbone.
         self.source = dataclasses.replace(src, image_size=self.image_size)
         self.bad_images: list[tuple[Path, str]] = []
+        self.duplicates: list[Duplicate] = []  # val/test images byte-identical to earlier splits' (data.on_duplicate)
         self.datasets: dict[str, ImageDataset] = {}
+        self._worker_seeds = torch.Generator()  # the train loader's: reseeded each epoch by its sampler
 
     # Scanning is cheap and deterministic, so it happens on first use in any process.
     @property
     def data(self) -> DataSplits:
         if self._data is None:
+            from finetune.data.duplicates import check_duplicates
             from finetune.data.scan import check_split_images
 
             # A fast scan of every image file, so a corrupt file stops the run before training, not mid-epoch.
-            self._data, self.bad_images = check_split_images(self.source.load(self.seed), self.on_bad_image)
+            data, self.bad_images = check_split_images(self.source.load(self.seed), self.on_bad_image)
+            self._data, self.duplicates = check_duplicates(data, self.on_duplicate)
         return self._data
+
+    @property
+    def skipped_during_training(self) -> list[tuple[Path, str]]:
+        """Files that passed the scan but failed to decode when read for a batch, with why (empty: none).
+
+        With ``on_bad_image=skip`` each was replaced by the next readable item of its split. Workers'
+        failures are included; the reason is found again here, by the scan's full check.
+        """
+        from finetune.data.scan import image_problem
+
+        failed = {Path(p) for ds in self.datasets.values() for p in ds.failed_items()}
+        return [(p, image_problem(p) or "failed to decode when read for a batch") for p in sorted(failed)]
 
     @property
     def classes(self) -> list[str]:
@@ -204,35 +262,42 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         # unseeded it takes OS entropy, and two runs of one config crop differently and end differently.
         train_t.set_random_seed(self.seed)
         for name, split in self.data.splits.items():
-            self.datasets[name] = ImageDataset(split, train_t if name == "train" else eval_t)
+            self.datasets[name] = ImageDataset(split, train_t if name == "train" else eval_t, self.on_bad_image)
 
     def _eval_transform(self) -> Any:
         return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation, self.crop_mode)
 
     def eval_dataset(self, name: str) -> ImageDataset:
         """Split ``name`` through the deterministic eval pipeline (for measuring, not training)."""
-        return ImageDataset(self.data.splits[name], self._eval_transform())
+        return ImageDataset(self.data.splits[name], self._eval_transform(), self.on_bad_image)
 
-    def train_sampler(self) -> WeightedRandomSampler | None:
-        """The train split's sampler for ``sampler="weighted"`` (None: plain shuffling)."""
-        if self.sampler != "weighted":
-            return None
+    def train_sampler(self, trainer: Any = None) -> EpochSampler:
+        """The train split's order from (seed, epoch): a shuffle, or with ``sampler="weighted"`` draws with
+        replacement weighted 1 / (images of the class), so every class comes up about equally often."""
         labels = self.data.splits["train"].labels
-        per_sample = 1.0 / np.bincount(labels)[labels]
-        generator = torch.Generator().manual_seed(self.seed)
-        return WeightedRandomSampler(per_sample.tolist(), len(labels), replacement=True, generator=generator)
+        weights = (1.0 / np.bincount(labels)[labels]).tolist() if self.sampler == "weighted" else None
+        return EpochSampler(len(labels), self.seed, first_epoch(trainer or self.trainer), weights, self._reseed_train)
+
+    def _reseed_train(self, seed: int) -> None:
+        # Each epoch's augmentations and worker seeds from (seed, epoch), as its order: a resumed run repeats them.
+        self.setup()
+        transform = self.datasets["train"].transform
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(seed)
+        self._worker_seeds.manual_seed(seed)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         self.setup()
-        sampler = self.train_sampler() if name == "train" else None
+        train = name == "train" and shuffle
         return DataLoader(
             self.datasets[name],
             batch_size=self.batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
+            sampler=self.train_sampler() if train else None,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # Workers start anew each epoch, seeded from the epoch: persistent ones would carry their state over.
+            persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_seed_worker_transform,
+            worker_init_fn=seed_worker_transform,
+            generator=self._worker_seeds if train else None,
         )
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMG_EXTENSIONS", "is_image_file", "load_image", "to_rgb"]
+from finetune.errors import FineTuneError
+
+__all__ = ["IMG_EXTENSIONS", "UnreadableImage", "is_image_file", "load_image", "to_rgb"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -44,3 +46,19 @@ def load_image(path: str | Path) -> np.ndarray:
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         return np.asarray(to_rgb(img), dtype=np.uint8)
+
+
+class UnreadableImage(FineTuneError):
+    """An image file that fails to decode while it is read for a batch, named in one line.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as
+    ``UnreadableImage("Caught UnreadableImage in DataLoader worker process 0. Original Traceback...")``:
+    the traceback's last line holds the original message, which is kept instead.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "Original Traceback" in message:
+            marker = f"{type(self).__name__}: "
+            lines = [ln for ln in message.splitlines() if marker in ln]
+            message = lines[-1].split(marker, 1)[1] if lines else message
+        super().__init__(message)

@@ -1,10 +1,10 @@
 """Finding unreadable images before they stop a run: corrupt, truncated or not images at all.
 
 The scan does not decode pixels where a cheaper check is decisive: PNG chunks and their
-CRCs (PIL's ``verify``), JPEG's end-of-image marker, GIF's trailer, WebP's RIFF size, and
-for uncompressed formats (BMP, PPM, PGM, raw TIFF) the pixel data the header promises
-against the file's size. Anything else, or a file a cheap check doubts, is decoded in full,
-so a file is only reported if PIL cannot read it.
+CRCs (PIL's ``verify``), JPEG's end-of-image marker at the file's end, GIF's trailer, WebP's
+RIFF size, and for uncompressed formats (BMP, PPM, PGM, raw TIFF) the pixel data the header
+promises against the file's size. Anything else, or a file a cheap check doubts, is decoded
+in full, so a file is only reported if PIL cannot read it.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ def check_on_bad_image(value: str) -> str:
         raise FineTuneError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got '{value}'")
     return value
 
-# Files may carry trailing data after JPEG's end-of-image marker (PIL reads them fine): look this far back.
-_TAIL = 64 * 1024
+# A JPEG is cheaply "ok" only when its last bytes, but for zero padding, are the end-of-image marker
+# FF D9. Searching for FF D9 near the end is not enough: a camera photo's EXIF thumbnail (in APP1,
+# before the scan data) ends with its own FF D9, which a truncated photo keeps. Files with other
+# data after the marker (phone trailers, appended videos) are decoded in full: PIL reads them fine.
+_JPEG_TAIL = 4096
 _BITS = {"1": 1, "L": 8, "P": 8, "RGB": 24, "RGBA": 32, "CMYK": 32, "I;16": 16, "I;16B": 16, "I": 32, "F": 32}
 
 
@@ -46,6 +49,11 @@ def _tail(path: Path, size: int, n: int) -> bytes:
     with path.open("rb") as f:
         f.seek(max(0, size - n))
         return f.read()
+
+
+def _jpeg_ends(path: Path, size: int) -> bool:
+    """Whether the file ends with JPEG's end-of-image marker, zero padding aside."""
+    return _tail(path, size, _JPEG_TAIL).rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 def _raw_end(img: Image.Image) -> int | None:
@@ -78,7 +86,7 @@ def _cheap_verdict(path: Path, size: int) -> str | None:
     if raw_end is not None:
         return "ok" if raw_end <= size else f"truncated: {fmt} header promises {raw_end} bytes, file has {size}"
     if fmt == "JPEG":
-        return "ok" if b"\xff\xd9" in _tail(path, size, _TAIL) else None
+        return "ok" if _jpeg_ends(path, size) else None
     if fmt == "GIF":
         return "ok" if _tail(path, size, 1) == b";" else None
     if fmt == "WEBP":

@@ -123,6 +123,11 @@ class Source:
             weight 1 / (images of its class), so every class is drawn about equally often.
         on_bad_image: ``error``: an unreadable image file stops the run before training, named;
             ``skip``: such files are left out, counted in the notes and listed in ``bad_images.txt``.
+            A file that fails to decode later, while training, stops the run (``error``) or is
+            replaced by the next readable image of its split (``skip``).
+        on_duplicate: val/test images byte-identical to images of an earlier split (train, then
+            val): ``warn`` keeps them with a note, ``error`` stops, naming the first, ``drop``
+            leaves them out of val/test (never out of train).
         mean, std, interpolation, crop_pct: preprocessing; None: the backbone's pretrained config.
     """
 
@@ -135,6 +140,7 @@ class Source:
     num_workers: int = 2
     sampler: Optional[str] = None
     on_bad_image: str = "error"
+    on_duplicate: str = "warn"
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
     interpolation: Optional[str] = None

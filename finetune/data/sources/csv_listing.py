@@ -29,6 +29,12 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]
             reader.fieldnames = header
             rows = []
             for row in reader:
+                extra = [v for v in row.get(None) or [] if v.strip()]  # DictReader's place for fields past the header
+                if extra:
+                    raise FineTuneError(
+                        f"CSV file '{path}' row {reader.line_num} has {len(header) + len(row[None])} fields, its header "
+                        f"{len(header)} ({','.join(header)}): quote a value that holds a comma, e.g. \"red, fox\""
+                    )
                 if any((v or "").strip() for k, v in row.items() if k is not None):  # skip blank lines
                     rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
