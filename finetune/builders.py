@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.checkpoint_io import AtomicCheckpointIO
 from finetune.data import ImageDataModule
 from finetune.errors import FineTuneError
 from finetune.features import FeatureDataModule, PrecomputedFeatures, resolve_cache_features
@@ -158,8 +159,10 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> pl.Trainer:
     """A Lightning Trainer from ``cfg.trainer`` (Trainer's own argument names) writing into ``run_dir``."""
     run_dir = Path(run_dir)
     kwargs: dict[str, Any] = _plain(cfg.trainer)
+    # Checkpoints written beside their target and renamed: a kill never leaves a partial last.ckpt.
+    plugins = [AtomicCheckpointIO(), *(kwargs.pop("plugins", None) or [])]
     try:
         return pl.Trainer(default_root_dir=run_dir, logger=build_logger(cfg, run_dir),
-                          callbacks=build_callbacks(cfg, run_dir), **kwargs)
+                          callbacks=build_callbacks(cfg, run_dir), plugins=plugins, **kwargs)
     except TypeError as e:  # an argument Trainer does not take, e.g. +trainer.max_epoch=1
         raise FineTuneError(f"trainer: {e}") from None

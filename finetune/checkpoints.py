@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from finetune.checkpoint_io import load_error_reason, safe_load
 from finetune.data.transforms import eval_transform
 from finetune.errors import FineTuneError
 
-__all__ = ["Preprocessing", "class_names", "load_checkpoint", "resolve_preprocessing", "run_dir_of"]
+__all__ = ["Preprocessing", "check_finite", "class_names", "load_checkpoint", "resolve_preprocessing", "run_dir_of"]
 
 # The data config keys that decide eval preprocessing (ImageDataModule's names).
 _PREP_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
@@ -54,6 +55,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
 
     The raw dict (memory-mapped, no weights copied) is read for what the module does not keep.
     Inference moves the module to the accelerator itself (:mod:`finetune.inference`).
+    Nothing in the file is executed (``weights_only``); a file that is not a checkpoint of this
+    package, or whose weights are not finite, is a one-line error naming it, and so is a
+    forward pass that gives non-finite logits.
     """
     from finetune.module import FineTuneModule
 
@@ -62,14 +66,59 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FineTuneError(f"checkpoint '{path}' does not exist")
+    raw = safe_load(path, "checkpoint")
+    _check_is_ours(raw, path)
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         module = FineTuneModule.load_from_checkpoint(path, map_location="cpu")
     except FineTuneError:
         raise
-    except Exception as e:
-        raise FineTuneError(f"cannot load checkpoint '{path}': {' '.join(str(e).split())[:200]}") from None
+    except Exception as e:  # noqa: BLE001 - explained in one line
+        raise FineTuneError(f"cannot load checkpoint '{path}': {_module_error(e)}") from None
+    check_finite(module.state_dict(), f"checkpoint '{path}'")
+    module.register_forward_hook(_finite_outputs(path))
     return module.eval(), raw
+
+
+def _check_is_ours(raw: Any, path: Path) -> None:
+    """Refuse, in words, what Lightning would fail on with a bare ``KeyError``."""
+    if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise FineTuneError(f"'{path}' is not a Lightning checkpoint (a plain state dict? "
+                            "use backbone.weights=PATH for weights files)")
+    if not isinstance(raw, dict) or "state_dict" not in raw or "pytorch-lightning_version" not in raw:
+        keys = ", ".join(map(str, list(raw)[:5])) if isinstance(raw, dict) else type(raw).__name__
+        raise FineTuneError(f"'{path}' is not a Lightning checkpoint (it holds {keys or 'nothing'}; "
+                            "use backbone.weights=PATH for weights files)")
+    if "backbone" not in (raw.get("hyper_parameters") or {}):
+        raise FineTuneError(f"'{path}' is a Lightning checkpoint, but not one of finetune "
+                            "(no backbone in its hyper_parameters)")
+
+
+def _module_error(e: BaseException) -> str:
+    text = str(e)
+    if "Error(s) in loading state_dict" in text:
+        detail = next((ln.strip() for ln in text.splitlines()[1:] if ln.strip()), "")
+        return f"its weights do not fit the model its hyperparameters describe ({detail[:200]})"
+    return load_error_reason(e)
+
+
+def check_finite(state: Mapping[str, Any], what: str) -> None:
+    """Raise naming ``what`` and the first floating tensor of ``state`` holding NaN or inf."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise FineTuneError(f"{what} has non-finite weights: {name} holds {nan} NaN and {inf} inf of "
+                                f"{t.numel()} values (a corrupted file, or a run that diverged)")
+
+
+def _finite_outputs(path: Path) -> Any:
+    """A forward hook: non-finite logits stop inference instead of writing NaN probabilities."""
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and not bool(torch.isfinite(output).all()):
+            raise FineTuneError(f"checkpoint '{path}' gives non-finite outputs (NaN or inf logits) for "
+                                "these images: its weights overflow (a corrupted file, or a run that diverged)")
+
+    return hook
 
 
 def class_names(module: Any) -> list[str]:

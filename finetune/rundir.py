@@ -23,14 +23,17 @@ from finetune.errors import FineTuneError
 __all__ = ["LOCK_NAME", "RUN_FILES", "claim_run_dir", "holds_a_run"]
 
 LOCK_NAME = ".lock"
-# What a run writes into its directory (Hydra's .hydra/ included): their presence means a run was here.
+# What a run writes into its directory (Hydra's .hydra/ included), removed by overwrite=true.
 RUN_FILES = ("config.yaml", "metrics.json", "epochs.csv", "advice.json", "classes.json", "bad_images.txt",
              "checkpoints", "logs", ".hydra")
+# What shows that a run trained or reported here; a run stopped by bad input before training leaves only
+# its config, which the next run may replace.
+_EVIDENCE = ("metrics.json", "epochs.csv", "checkpoints", "logs")
 
 
 def holds_a_run(run_dir: Path) -> list[str]:
-    """The run files already in ``run_dir`` (empty: nothing of a run is there)."""
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    """The files that show a run trained or reported in ``run_dir`` (empty: none did)."""
+    return [name for name in _EVIDENCE if (run_dir / name).exists()]
 
 
 def _alive(pid: int) -> bool:
@@ -91,9 +94,12 @@ def claim_run_dir(run_dir: str | os.PathLike[str], overwrite: bool = False, resu
                 f"run directory '{run_dir}' already holds a run ({', '.join(found)}); pass overwrite=true to "
                 f"replace it, resume={run_dir} to continue it, or choose another hydra.run.dir"
             )
-        for name in found:
+        for name in RUN_FILES if found else ():
             path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
         yield run_dir
     finally:
         if not held_before:
