@@ -75,7 +75,9 @@ def test_sweep_writes_the_comparison_and_compare_rebuilds_it(tmp_path: Path) -> 
         images = 4 * OmegaConf.load(sweep / row["run"] / "config.yaml").data.batch_size
         t = float(row["train_time_s"])
         assert images / (t + 0.005) - 0.05 <= float(row["train_images_per_s"]) <= images / max(t - 0.005, 1e-9) + 0.05
-        assert torch_rss_mb < float(row["peak_memory_mb"]) < physical_mb  # MiB, not KiB or bytes
+        # MiB, not KiB or bytes: a good part of what importing torch takes (a peak reset between the sweep's
+        # runs can come out just under a fresh process's), and less than the machine has.
+        assert torch_rss_mb / 2 < float(row["peak_memory_mb"]) < physical_mb
         assert row["epochs"] == "1" and row["error"] == ""
     # Training happens inside the sweep: seconds, not milliseconds or minutes.
     assert 0 < sum(float(row["train_time_s"]) for row in rows) < sweep_wall_time_s

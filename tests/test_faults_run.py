@@ -102,7 +102,9 @@ def test_a_directory_held_by_a_live_run_is_refused(tmp_path: Path) -> None:
         assert r.returncode == 2
         assert r.stderr.strip() == (f"error: run directory '{run}' is in use by a running process (pid {holder.pid}, "
                                     f"lock {run / '.lock'}); choose another hydra.run.dir")
-        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing of the refused run was written
+        # Nothing of the refused run was written (Hydra's own log file aside, empty).
+        assert {p.name for p in run.iterdir()} <= {".lock", "cli.log"} and not (run / "cli.log").read_text()
+        assert (run / ".lock").read_text().split()[0] == str(holder.pid)  # the holder's lock is untouched
     finally:
         holder.kill()
         holder.wait()

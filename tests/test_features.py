@@ -92,8 +92,10 @@ def test_cached_features_keep_the_weighted_sampler() -> None:
     dm = ImageDataModule("digits", image_size=32, augment="none", sampler="weighted", seed=3)
     module = FineTuneModule("test_efficientnet", pretrained=False, freeze="head_only", num_classes=10)
     loader = FeatureDataModule(dm, module).train_dataloader()
-    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+    assert loader.sampler.weights is not None  # draws weighted by class, with replacement
     assert list(loader.sampler) == list(dm.train_dataloader().sampler)  # the same seeded draws
+    drawn = torch.bincount(torch.as_tensor(dm.data.splits["train"].labels)[list(loader.sampler)], minlength=10)
+    assert drawn.min() > 0.7 * drawn.float().mean()  # every class about equally often
 
 
 PHOTOS = ["data=photos", "data.per_class=12", "data.image_size=64", "trainer.enable_progress_bar=false"]
