@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Mapping, Sequence
 
 from torch import nn
 
 from finetune.errors import FineTuneError
+from finetune.registry import registrar
 from finetune.stage_groups import Stage
 
 __all__ = ["STRATEGIES", "FreezeStrategy", "compared_strategies", "get_strategy", "register"]
@@ -80,19 +81,8 @@ class FreezeStrategy:
 
 STRATEGIES: dict[str, type[FreezeStrategy]] = {}
 
-_S = TypeVar("_S", bound=type[FreezeStrategy])
-
-
-def register(name: str) -> Callable[[_S], _S]:
-    """Class decorator: make a :class:`FreezeStrategy` subclass available as ``freeze=name``."""
-
-    def add(cls: _S) -> _S:
-        if cls.__dataclass_fields__["name"].default != name:
-            raise TypeError(f"{cls.__name__}.name must default to '{name}'")
-        STRATEGIES[name] = cls
-        return cls
-
-    return add
+# Class decorator: make a FreezeStrategy subclass available as freeze=NAME.
+register = registrar(STRATEGIES, "name")
 
 
 def get_strategy(spec: "str | FreezeStrategy | Mapping[str, Any]") -> FreezeStrategy:

@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, List, Optional
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from finetune.errors import FineTuneError
+from finetune.registry import registrar
 
 __all__ = [
     "SOURCES", "DataSplits", "Source", "Split", "build_source", "check_fields", "hold_out", "register",
@@ -160,19 +161,8 @@ class Source:
 
 SOURCES: dict[str, type[Source]] = {}
 
-_S = TypeVar("_S", bound=type[Source])
-
-
-def register(name: str) -> Callable[[_S], _S]:
-    """Class decorator: make a :class:`Source` dataclass available as ``data=name``."""
-
-    def add(cls: _S) -> _S:
-        if cls.__dataclass_fields__["source"].default != name:
-            raise TypeError(f"{cls.__name__}.source must default to '{name}'")
-        SOURCES[name] = cls
-        return cls
-
-    return add
+# Class decorator: make a Source dataclass available as data=NAME.
+register = registrar(SOURCES, "source")
 
 
 def check_fields(cls: type[Source], kwargs: dict[str, Any], what: str | None = None) -> None:
