@@ -196,6 +196,10 @@ def follow_advice(
 def main(argv: list[str] | None = None) -> None:
     """``python -m finetune.advise [data=... backbone=... advise.KEY=VALUE]``: the advice as JSON, no training."""
     from finetune.config import compose
+    from finetune.help import print_help_if_asked
+
+    if print_help_if_asked("advise", argv):  # before composing: Hydra's grammar rejects --help
+        return
 
     def command(args: list[str]) -> None:
         print(json.dumps(advise_or_fallback(compose(args)), indent=2))

@@ -6,6 +6,7 @@ that imports it (tests/test_architecture.py walks the import graph).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -155,14 +156,26 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     return [_instantiate(f"logger.{k}", v, run_dir) for k, v in node.items() if v is not None]
 
 
+def _has_progress_bar(callbacks: Sequence[Any]) -> bool:
+    from pytorch_lightning.callbacks.progress.progress_bar import ProgressBar
+
+    return any(isinstance(c, ProgressBar) for c in callbacks)
+
+
 def build_trainer(cfg: DictConfig, run_dir: str | Path) -> pl.Trainer:
     """A Lightning Trainer from ``cfg.trainer`` (Trainer's own argument names) writing into ``run_dir``."""
     run_dir = Path(run_dir)
     kwargs: dict[str, Any] = _plain(cfg.trainer)
     # Checkpoints written beside their target and renamed: a kill never leaves a partial last.ckpt.
     plugins = [AtomicCheckpointIO(), *(kwargs.pop("plugins", None) or [])]
+    callbacks = build_callbacks(cfg, run_dir)
+    if kwargs.get("enable_progress_bar", True) and not _has_progress_bar(callbacks) and not sys.stdout.isatty():
+        # TQDM's redraws become one line per step in a pipe or a log file: one line per epoch there instead.
+        from finetune.callbacks.epoch_line import EpochLine
+
+        callbacks.append(EpochLine())
     try:
         return pl.Trainer(default_root_dir=run_dir, logger=build_logger(cfg, run_dir),
-                          callbacks=build_callbacks(cfg, run_dir), plugins=plugins, **kwargs)
+                          callbacks=callbacks, plugins=plugins, **kwargs)
     except TypeError as e:  # an argument Trainer does not take, e.g. +trainer.max_epoch=1
         raise FineTuneError(f"trainer: {e}") from None

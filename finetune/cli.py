@@ -21,11 +21,13 @@ from finetune.compare import write_failure
 from finetune.config import CONF_DIR, compose, register_configs
 from finetune.command import hold_errors, run_app
 from finetune.errors import FineTuneError, error_line
+from finetune.help import register_help
 from finetune.resume import resume_config
 from finetune.rundir import claim_run_dir
 from finetune.train import train
 
 register_configs()
+register_help()  # the ${finetune_help:finetune} resolver of --help (hydra.help.template in conf/config.yaml)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -91,5 +93,41 @@ def run_job(overrides: Sequence[str], run_dir: str | Path) -> dict[str, Any]:
     return train(cfg, run_dir, precomputed, extra)
 
 
+# Warnings the user of the command cannot act on (regexes matched at the start of the message).
+_NOISE = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of a torch API
+    r".*does not have many workers",  # num_workers is a data option; the default suits the bundled data
+    r"The number of training batches \(\d+\) is smaller than the logging interval",  # small data: fine
+)
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records of one logger whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def quiet_console() -> None:
+    """What ``python -m finetune`` leaves off the console: adverts, warnings nobody can act on, load notices.
+
+    Set by the command line entry only: importing the library changes no warning filter or logger.
+    """
+    import warnings
+
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    # Lightning's "💡 Tip: ... litlogger / litmodels" adverts (rank_zero_info; no setting turns them off).
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropMessages("💡 Tip", "Tip:"))
+    # timm's "Loaded  from checkpoint '<site-packages path>'" when the offline package's weights load.
+    for name in ("timm.models._helpers", "timm.task._helpers"):
+        logging.getLogger(name).addFilter(_DropMessages("Loaded "))
+
+
 def main() -> None:
+    quiet_console()
     run_app(_main)

@@ -18,8 +18,11 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import FineTuneError, run_hydra
+from finetune.help import hydra_template, register_help
 
-__all__ = ["CommandConfig", "check_positive", "hold_errors", "literal", "run_app"]
+register_help()  # the ${finetune_help:NAME} resolver of the commands' --help (hydra.help.template)
+
+__all__ = ["CommandConfig", "check_positive", "command_hydra", "hold_errors", "literal", "run_app"]
 
 T = TypeVar("T")
 
@@ -34,6 +37,11 @@ def _quiet_defaults() -> list[Any]:
 def _quiet_hydra() -> dict[str, Any]:
     # The run dir is the cwd (Hydra creates it: it exists), and without output_subdir no .hydra/ goes there.
     return {"run": {"dir": "."}, "output_subdir": None}
+
+
+def command_hydra(name: str) -> dict[str, Any]:
+    """A command's ``hydra`` node: quiet (see CommandConfig), and ``--help`` is ``finetune.help``'s text of ``name``."""
+    return {**_quiet_hydra(), "help": {"template": hydra_template(name)}}
 
 
 @dataclass

@@ -77,7 +77,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.compare DIR``: rebuild the comparison from the run directories under DIR."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m finetune.compare", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="python -m finetune.compare: rebuild comparison.csv, comparison.md and comparison.png\n"
+                    "from the run directories under DIR (a sweep writes them itself when it ends).",
+        epilog="example:\n  python -m finetune.compare multirun/2026-01-01/12-00-00")
     parser.add_argument("dir", help="a sweep directory (multirun/DATE/TIME) or any folder of run directories")
     args = parser.parse_args(argv)
     try:

@@ -135,7 +135,12 @@ class TrainerConfig:
     precision: Any = "32-true"
     log_every_n_steps: int = 10
     deterministic: bool = False
+    # On a terminal Lightning's bar; in a pipe or a log file one line per epoch (finetune.callbacks.EpochLine).
+    # False: neither.
     enable_progress_bar: bool = True
+    # Lightning's layer table before training: off, the end-of-run summary has the parameter counts.
+    # trainer.enable_model_summary=true shows it.
+    enable_model_summary: bool = False
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from finetune.builders import build_datamodule
 from finetune.checkpoints import Preprocessing, class_names, load_checkpoint, resolve_preprocessing, run_dir_of
-from finetune.command import CommandConfig, check_positive, hold_errors, run_app
+from finetune.command import CommandConfig, command_hydra, check_positive, hold_errors, run_app
 from finetune.config import CONF_DIR, compose
 from finetune.data import ImageDataset
 from finetune.errors import FineTuneError
@@ -65,6 +65,7 @@ class EvaluateConfig(CommandConfig):
     out_dir: Optional[str] = None
     batch_size: int = 64
     image_size: Optional[int] = None
+    hydra: Any = field(default_factory=lambda: command_hydra("evaluate"))  # --help: finetune.help
 
 
 ConfigStore.instance().store(name="evaluate", node=EvaluateConfig)
@@ -190,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.evaluate ckpt=PATH [data=folder data.root=DIR ...] [split=test|val|train]
     [out_dir=DIR] [batch_size=64] [image_size=N]``."""
     own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    from finetune.config import register_configs
+
+    register_configs()  # the training config groups, so that --help lists them (compose() registers them too)
 
     # The training config's search path (CONF_DIR), so compose() inside the app finds conf/config.yaml.
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")

@@ -8,7 +8,7 @@ for where that is found) and go through the same path as ``finetune.evaluate``
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -17,7 +17,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from finetune.checkpoints import Preprocessing, class_names, load_checkpoint, resolve_preprocessing
-from finetune.command import CommandConfig, check_positive, hold_errors, run_app
+from finetune.command import CommandConfig, command_hydra, check_positive, hold_errors, run_app
 from finetune.data.images import is_image_file
 from finetune.data.scan import check_on_bad_image
 from finetune.errors import FineTuneError
@@ -56,6 +56,7 @@ class PredictConfig(CommandConfig):
     topk: int = 5
     image_size: Optional[int] = None
     on_bad_image: str = "error"
+    hydra: Any = field(default_factory=lambda: command_hydra("predict"))  # --help: finetune.help
 
 
 ConfigStore.instance().store(name="predict", node=PredictConfig)

@@ -88,6 +88,10 @@ def _stages(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m finetune.stages [backbone=NAME | backbone.name=NAME] [freeze.n=N] [trainer.max_epochs=E]``."""
+    from finetune.help import print_help_if_asked
+
+    if print_help_if_asked("stages", argv):  # before composing: Hydra's grammar rejects --help
+        return
     run_command(_stages, argv)
 
 

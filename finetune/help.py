@@ -1,0 +1,230 @@
+"""``--help`` of every command: what it does, its main options, the config groups, an example.
+
+The Hydra apps (``finetune``, ``finetune.predict``, ``finetune.evaluate``) show it through Hydra's own
+help mechanism: their ``hydra.help.template`` is ``${finetune_help:NAME}`` plus Hydra's ``$APP_CONFIG_GROUPS``
+(``--hydra-help`` still shows Hydra's flags). ``finetune.advise`` and ``finetune.stages`` compose a config
+themselves and print :func:`help_text` on ``--help``/``-h`` before composing; ``finetune.compare`` is argparse.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+__all__ = ["COMMANDS", "RECIPE_WHY", "help_text", "hydra_template", "print_help_if_asked", "recipe_lines", "register_help"]
+
+# Every command, with what it does in one line (``python -m finetune --help`` lists them).
+COMMANDS = {
+    "finetune": "train a timm backbone on your images (a recipe, or any group=option / key=value)",
+    "finetune.predict": "top-k classes of new images from a checkpoint, into a CSV",
+    "finetune.evaluate": "a checkpoint's accuracy on a split: top-1/top-5, per class, confusion matrix",
+    "finetune.advise": "which recipe suits your data (its size and similarity to ImageNet), as JSON; no training",
+    "finetune.stages": "a backbone's stages and what each freeze strategy trains",
+    "finetune.compare": "the comparison table and plot of the runs of a sweep directory",
+}
+
+# Each recipe's why in one line; a recipe not listed here shows the first sentence of its file's comment.
+RECIPE_WHY = {
+    "auto": "measures the data (size, similarity to ImageNet), picks one of the four below, trains it",
+    "compare": "a sweep of the standard freeze strategies on your data, with a comparison table",
+    "small_similar": "few ImageNet-like images: a linear probe on the frozen backbone",
+    "small_dissimilar": "few images unlike ImageNet: every layer adapts, the backbone at a reduced LR",
+    "large_similar": "many ImageNet-like images: everything trains, the backbone at a tenth of the head's LR",
+    "large_dissimilar": "many images unlike ImageNet: everything trains, the backbone at half the head's LR",
+    "scratch": "the baseline to beat: the same network from random weights",
+}
+
+_WIDTH = 90
+
+
+def _first_sentence(comment: str) -> str:
+    end = comment.find(". ")
+    text = comment[: end + 1] if end > 0 else comment
+    return text if len(text) <= _WIDTH else text[: _WIDTH - 3].rsplit(" ", 1)[0] + "..."
+
+
+def recipe_lines() -> list[str]:
+    """``NAME  why`` for each ``recipes/NAME.yaml``: the first sentence of its leading comment."""
+    from finetune.config import RECIPES_DIR
+
+    lines = []
+    paths = sorted(RECIPES_DIR.glob("*.yaml"))
+    width = max((len(p.stem) for p in paths), default=0)
+    for path in paths:
+        comment = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            text = line.lstrip("#").strip()
+            if text and not text.startswith("@package"):
+                comment.append(text)
+        why = RECIPE_WHY.get(path.stem) or _first_sentence(" ".join(comment))
+        lines.append(f"  {path.stem:<{width}}  {why}")
+    return lines
+
+
+def _commands() -> list[str]:
+    width = max(len(k) for k in COMMANDS)
+    return [f"  python -m {k:<{width}}  {v}" for k, v in COMMANDS.items()]
+
+
+def _finetune() -> str:
+    return "\n".join([
+        "python -m finetune: fine-tune a timm backbone (PyTorch Lightning, configured with Hydra).",
+        "",
+        "usage: python -m finetune [+recipe=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--multirun]",
+        "",
+        "== Recipes (+recipe=NAME) ==",
+        *recipe_lines(),
+        "",
+        "== Main options ==",
+        "  data=folder data.root=DIR     your images, one folder per class (or train/ val/ test/ of them)",
+        "  backbone=NAME | backbone.name=TIMM_NAME   the network; backbone.weights=FILE for local weights",
+        "  freeze=STRATEGY               what trains (python -m finetune.stages shows it per stage)",
+        "  trainer.max_epochs=N          epochs (Lightning Trainer arguments: trainer.KEY=VALUE)",
+        "  optim.lr=LR  data.image_size=PX  data.batch_size=N  seed=N",
+        "  hydra.run.dir=DIR             the run directory (default outputs/DATE/TIME); resume=RUN_DIR continues one",
+        "",
+        "== Commands ==",
+        *_commands(),
+        "  each answers --help",
+        "",
+        "== Examples ==",
+        "  python -m finetune                                   the main job: digits, 15 epochs",
+        "  python -m finetune +recipe=auto data=folder data.root=DIR",
+        "  python -m finetune +recipe=compare data=folder data.root=DIR",
+        "  python -m finetune --multirun freeze=none,head_only trainer.max_epochs=5",
+        "",
+        "Full config: python -m finetune --cfg job [overrides]; Hydra's flags: python -m finetune --hydra-help",
+    ])
+
+
+def _predict() -> str:
+    return "\n".join([
+        "python -m finetune.predict: top-k classes of new images, with a checkpoint of a run.",
+        "",
+        "usage: python -m finetune.predict ckpt=PATH images=DIR_OR_FILE[,FILE...] [KEY=VALUE ...]",
+        "",
+        "== Main options ==",
+        "  ckpt=PATH        a run's checkpoint (RUN_DIR/checkpoints/last.ckpt or best.ckpt)",
+        "  images=PATH      a folder (searched recursively), or image files, comma-separated",
+        "  out=FILE         the CSV written (path, then class and probability of each of the top k)",
+        "  topk=5  batch_size=32  image_size=N  on_bad_image=error|skip",
+        "",
+        "== Example ==",
+        "  python -m finetune.predict ckpt=outputs/DATE/TIME/checkpoints/last.ckpt images=new_photos/",
+    ])
+
+
+def _evaluate() -> str:
+    return "\n".join([
+        "python -m finetune.evaluate: a checkpoint's accuracy on a split (top-1/top-5, per class),",
+        "with evaluation.json and confusion_matrix.png in out_dir (default: the checkpoint's run directory).",
+        "",
+        "usage: python -m finetune.evaluate ckpt=PATH [split=test|val|train] [data overrides] [KEY=VALUE ...]",
+        "",
+        "== Main options ==",
+        "  ckpt=PATH        a run's checkpoint",
+        "  split=test       the split scored; the run's own data unless data=... / data.KEY=... say otherwise",
+        "  out_dir=DIR  batch_size=64  image_size=N",
+        "",
+        "== Example ==",
+        "  python -m finetune.evaluate ckpt=outputs/DATE/TIME/checkpoints/best.ckpt split=test",
+        "  python -m finetune.evaluate ckpt=RUN_DIR/checkpoints/last.ckpt data=folder data.root=OTHER_DIR",
+    ])
+
+
+def _groups() -> list[str]:
+    """The config groups and their options, as Hydra's ``$APP_CONFIG_GROUPS`` lists them."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from finetune.config import CONF_DIR, register_configs
+
+    register_configs()
+    gh = GlobalHydra.instance()
+    if gh.is_initialized():
+        loader = gh.config_loader()
+        return _list_groups(loader)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return _list_groups(GlobalHydra.instance().config_loader())
+
+
+def _list_groups(loader: object) -> list[str]:
+    groups = sorted(g for g in loader.list_groups("") if g != "hydra")  # type: ignore[attr-defined]
+    return [f"  {g}: {', '.join(loader.get_group_options(g))}" for g in groups]  # type: ignore[attr-defined]
+
+
+def _advise() -> str:
+    return "\n".join([
+        "python -m finetune.advise: which recipe suits the data, from its size and its similarity to",
+        "ImageNet; prints the advice as JSON and trains nothing (+recipe=auto trains with it).",
+        "",
+        "usage: python -m finetune.advise [data=... data.KEY=VALUE] [backbone=...] [advise.KEY=VALUE ...]",
+        "",
+        "== Main options ==",
+        "  data=folder data.root=DIR     the data measured (the training split)",
+        "  backbone=NAME                 the network the recipe is for",
+        "  advise.sample_size=256  advise.small_below=20000  advise.similar_below=0.2  advise.fallback=RECIPE",
+        "",
+        "== Config groups ==",
+        *_groups(),
+        "",
+        "== Example ==",
+        "  python -m finetune.advise data=folder data.root=DIR",
+    ])
+
+
+def _stages() -> str:
+    return "\n".join([
+        "python -m finetune.stages: a backbone's stages, their parameter counts, and what each freeze",
+        "strategy trains (from which epoch, for the schedules that unfreeze).",
+        "",
+        "usage: python -m finetune.stages [backbone=NAME | backbone.name=TIMM_NAME] [freeze.KEY=VALUE ...]"
+        " [trainer.max_epochs=E]",
+        "",
+        "== Main options ==",
+        "  backbone=NAME | backbone.name=TIMM_NAME   the network shown",
+        "  freeze.KEY=VALUE    an option of every strategy that has it (freeze.n=1: top_stages, bottom_stages)",
+        "  trainer.max_epochs=E  the training length, for when schedules reach each stage",
+        "",
+        "== Config groups ==",
+        *_groups(),
+        "",
+        "== Example ==",
+        "  python -m finetune.stages backbone.name=resnet50 freeze.n=1",
+    ])
+
+
+_TEXTS = {"finetune": _finetune, "predict": _predict, "evaluate": _evaluate, "advise": _advise, "stages": _stages}
+
+
+def help_text(command: str) -> str:
+    """The help of ``command`` (``finetune``, ``predict``, ``evaluate``, ``advise`` or ``stages``)."""
+    return _TEXTS[command]()
+
+
+def hydra_template(command: str) -> str:
+    """``hydra.help.template`` of a Hydra app: our text, then Hydra's list of config groups."""
+    groups = "\n== Config groups (GROUP=OPTION) ==\n$APP_CONFIG_GROUPS" if command != "predict" else ""
+    return "${finetune_help:" + command + "}\n" + groups
+
+
+def _resolve_help(command: str) -> str:
+    return help_text(command).replace("$", "$$")  # Hydra fills the template with string.Template
+
+
+def register_help() -> None:
+    """The ``finetune_help`` resolver the Hydra apps' help templates use (idempotent)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("finetune_help", _resolve_help, replace=True)
+
+
+def print_help_if_asked(command: str, argv: Sequence[str] | None) -> bool:
+    """For the commands that are not Hydra apps: print the help and return True on ``--help``/``-h``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in args or "-h" in args:
+        print(help_text(command))
+        return True
+    return False
