@@ -19,7 +19,7 @@ from conftest import run_cli
 
 # A tiny model on digits at 16 px: an epoch is a second or two.
 TINY = ["backbone.name=test_resnet", "backbone.pretrained=false", "data.image_size=16", "trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false"]
+        "trainer.enable_model_summary=false"]
 TESTS = str(Path(__file__).parent)
 
 
@@ -53,10 +53,10 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
 
 
-@pytest.mark.parametrize("freeze", [["freeze=lp_ft", "freeze.unfreeze_at_epoch=1"], ["freeze=gradual"]],
-                         ids=["lp_ft", "gradual"])
-def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path: Path, freeze: list[str]) -> None:
-    args = [*TINY, *freeze, "trainer.max_epochs=3", "augment=medium", "+callbacks.kill._target_=test_faults_run.KillAt"]
+def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    # lp_ft unfreezes the backbone at epoch 1, the epoch the kill interrupts: the schedule peers get wrong on resume.
+    # (gradual passed the same test; its in-process resume is tested in test_freezing.py.)
+    args = [*TINY, "freeze=lp_ft", "freeze.unfreeze_at_epoch=1", "trainer.max_epochs=3", "augment=medium", "+callbacks.kill._target_=test_faults_run.KillAt"]
     full = _cli([*args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = _cli([*args, f"hydra.run.dir={tmp_path / 'cut'}"], tmp_path, FINETUNE_KILL_AT="1:3")
@@ -139,10 +139,23 @@ def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["+ckpt_path=x.ckpt"], "error: unknown config key(s) ckpt_path: nothing reads them; to continue a run use resume=RUN_DIR"),
-    (["+optim.momentum=0.9"], "error: unknown config key(s) optim.momentum: nothing reads them"),
-    (["resume=/no/such/run"], "error: resume: run directory '/no/such/run' does not exist"),
+    (["+ckpt_path=x.ckpt"], "unknown config key(s) ckpt_path: nothing reads them; to continue a run use resume=RUN_DIR"),
+    (["+optim.momentum=0.9"], "unknown config key(s) optim.momentum: nothing reads them"),
 ])
-def test_unknown_keys_and_bad_resumes_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
-    r = run_cli([*TINY, *args], cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
+def test_unknown_keys_are_refused_before_anything_runs(args: list[str], message: str) -> None:
+    from finetune.builders import check_run_config
+    from finetune.config import compose
+    from finetune.errors import FineTuneError
+
+    with pytest.raises(FineTuneError) as e:
+        check_run_config(compose([*TINY, *args]))
+    assert str(e.value) == message
+
+
+def test_unknown_keys_and_bad_resumes_are_one_line_errors_on_the_command_line(tmp_path: Path) -> None:
+    r = run_cli([*TINY, "+ckpt_path=x.ckpt"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: unknown config key(s) ckpt_path: nothing reads them; to continue a run use resume=RUN_DIR"), r.stderr
+    r = run_cli(["resume=/no/such/run"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: resume: run directory '/no/such/run' does not exist"
+    assert not Path("/no/such/run").exists()  # checked before Hydra creates its run directory
