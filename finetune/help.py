@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune.evaluate": "a checkpoint's accuracy on a split: top-1/top-5, per class, confusion matrix",
     "finetune.advise": "which recipe suits your data (its size and similarity to ImageNet), as JSON; no training",
     "finetune.stages": "a backbone's stages and what each freeze strategy trains",
+    "finetune.size": "a network's units, weights and connections per layer and stage, and what a freeze costs",
     "finetune.compare": "the comparison table and plot of the runs of a sweep directory",
 }
 
@@ -196,7 +197,27 @@ def _stages() -> str:
     ])
 
 
-_TEXTS = {"finetune": _finetune, "predict": _predict, "evaluate": _evaluate, "advise": _advise, "stages": _stages}
+def _size() -> str:
+    return "\n".join([
+        "python -m finetune.size: the network of a run measured as the course does, per layer and per stage:",
+        "units (activations kept for backprop), weights (biases apart), connections (add-multiplies of a",
+        "forward pass), at the run's image size; then what the freeze strategy trains, keeps and costs.",
+        "",
+        "usage: python -m finetune.size [backbone.name=TIMM_NAME] [data.image_size=N] [freeze=STRATEGY] [num_classes=N]",
+        "",
+        "== Main options ==",
+        "  backbone=NAME | backbone.name=TIMM_NAME   the network measured (random weights: sizes do not depend on them)",
+        "  data.image_size=N   the input size; default: the data's (digits: 64), else the backbone's",
+        "  freeze=STRATEGY     freeze.KEY=VALUE  augment=none  cache_features=...  as for a run",
+        "  num_classes=10      the new head's classes (the data decides them in a run)",
+        "",
+        "== Example ==",
+        "  python -m finetune.size backbone.name=resnet50 data.image_size=224 freeze=head_only augment=none",
+    ])
+
+
+_TEXTS = {"finetune": _finetune, "predict": _predict, "evaluate": _evaluate, "advise": _advise, "stages": _stages,
+          "size": _size}
 
 
 def help_text(command: str) -> str:

@@ -34,6 +34,11 @@ def print_summary(
         + (", cached features" if m.get("cached_features") else ""),
         f"val         top-1 {_pct(m.get('val_acc'))}   top-5 {_pct(m.get('val_top5'))}",
     ]
+    if m.get("size"):  # the course's measures (finetune.layer_size): what trains, of the whole
+        z = m["size"]
+        lines.append(f"size        units {z['units']:,} ({z['units_kept_for_backward']:,} kept for backward), weights "
+                     f"{z['weights']:,} ({z['trainable_weights']:,} trainable), connections {z['connections']:,}; "
+                     f"{z['train_multiply_adds_per_image']:,} add-multiplies per training image")
     if "test_acc" in m:
         lines.append(f"test        top-1 {_pct(m.get('test_acc'))}   top-5 {_pct(m.get('test_top5'))}")
     for split, counts in class_counts.items():

@@ -48,6 +48,17 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _model_size(trainer: pl.Trainer, model: Any) -> dict[str, int]:
+    """Units, weights, connections (finetune.layer_size), trainable and total: one forward pass at batch 1."""
+    from finetune.layer_size import freeze_cost, size_metrics, size_table, trainable_names
+
+    dm = _images(trainer.datamodule)
+    epoch = max(0, (trainer.max_epochs or 1) - 1)  # as trainable_params: what trains in the last epoch
+    table = size_table(model, dm.image_size)
+    cost = freeze_cost(table, trainable_names(model, model.freeze_plan, epoch), cached=trainer.datamodule is not dm)
+    return size_metrics(table, cost)
+
+
 def best_checkpoint(trainer: pl.Trainer) -> str:
     """Path of the best checkpoint of the first ModelCheckpoint that monitors a metric ('' if none)."""
     for c in trainer.checkpoint_callbacks:  # type: ignore[attr-defined]
@@ -78,6 +89,7 @@ class RunRecorder(Callback):
         self.results: dict[str, float] = {}
         self.train_time_s = 0.0
         self.memory: dict[str, float] = {}
+        self.size: dict[str, int] = {}
         self._start = 0.0
 
     @staticmethod
@@ -113,6 +125,8 @@ class RunRecorder(Callback):
         return time.perf_counter() - self._start if self._start else 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and hasattr(pl_module, "freeze_plan") and trainer.datamodule is not None:
+            self.size = _model_size(trainer, pl_module)  # before the clock: not training time
         _reset_peak_memory()
         self._start = time.perf_counter()
 
@@ -196,6 +210,7 @@ class RunRecorder(Callback):
             "trainable_params": model.trainable_params_at(max(0, epochs - 1)),
             "trainable_params_first_epoch": model.trainable_params_at(0),
             "total_params": model.total_params(),
+            **({"size": self.size} if self.size else {}),
             "best_checkpoint": best or None,
             "augment": dm.augment.name,
             "cached_features": fit_dm is not dm,
