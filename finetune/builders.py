@@ -105,6 +105,7 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> FineTuneModule:
         backbone_lr_mult=o.backbone_lr_mult,
         layer_decay=o.layer_decay,
         weight_decay=o.weight_decay,
+        l2sp=o.l2sp,
         optimizer=_plain(o.optimizer),
         scheduler=_plain(o.scheduler),
         label_smoothing=cfg.loss.label_smoothing,

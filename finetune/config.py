@@ -103,6 +103,8 @@ class OptimConfig:
         test accuracy instead of 97.8% (both 10 epochs, seed 42).
     layer_decay: e.g. 0.75: stage i of S gets a further ``0.75 ** (S - 1 - i)``; None: off.
     weight_decay: not applied to norms, biases, or what the model's ``no_weight_decay()`` names.
+    l2sp: L2-SP's alpha (Li et al. 2018): the backbone is pulled toward its pretrained weights, with no plain
+        weight decay on it then (the head keeps it); 0: off (finetune.l2sp).
     """
 
     optimizer: Any = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True})
@@ -111,6 +113,7 @@ class OptimConfig:
     backbone_lr_mult: float = 0.3
     layer_decay: Optional[float] = None
     weight_decay: float = 0.01
+    l2sp: float = 0.0
 
 
 @dataclass

@@ -20,6 +20,7 @@ from finetune.config import BackboneConfig, LossConfig, OptimConfig
 from finetune.errors import FineTuneError
 from finetune.freezing import FreezePlan, set_frozen_norms_eval
 from finetune.heads import build_head, head_config
+from finetune.l2sp import L2SP
 from finetune.optim import param_groups
 from finetune.strategies import FreezeStrategy, get_strategy
 
@@ -108,6 +109,7 @@ class FineTuneModule(pl.LightningModule):
         layer_decay: optional layer-wise decay: stage ``i`` of ``S`` gets a further
             ``layer_decay ** (S - 1 - i)``, so layers nearer the input move least.
         weight_decay: weight decay (not applied to norms, biases and the model's ``no_weight_decay()``).
+        l2sp: L2-SP's alpha: pull the backbone toward its pretrained weights (:mod:`finetune.l2sp`); 0: off.
         optimizer: a partial ``torch.optim`` class as a ``_target_`` mapping; None: AdamW.
         scheduler: a partial ``(optimizer, total_steps, steps_per_epoch)`` factory as a ``_target_``
             mapping; None: :func:`finetune.optim.build_scheduler` (warmup, then cosine, per group).
@@ -138,6 +140,7 @@ class FineTuneModule(pl.LightningModule):
         backbone_lr_mult: float = OptimConfig.backbone_lr_mult,
         layer_decay: float | None = OptimConfig.layer_decay,
         weight_decay: float = OptimConfig.weight_decay,
+        l2sp: float = OptimConfig.l2sp,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         label_smoothing: float = LossConfig.label_smoothing,
@@ -165,10 +168,11 @@ class FineTuneModule(pl.LightningModule):
         self.weights_source = "checkpoint" if _RESTORING.get() else built.weights_source
         model = built.model
         model.reset_classifier(0)
-        self.backbone = model
+        self.backbone = strategy.adapt(model)  # freeze=lora adds adapters, also before a checkpoint loads
         self.head = build_head(self.hparams["head"], model.num_features, num_classes)
         self.strategy = strategy
         self.freeze_plan = FreezePlan.build(self.backbone, strategy)
+        self.l2sp = L2SP(self.backbone, self.freeze_plan, l2sp, start_known=not _RESTORING.get())
         # False under DDP with a schedule that unfreezes: see finetune.freezing.
         self.gate_requires_grad = True
         # A plain list, so these modules are not registered twice.
@@ -259,7 +263,7 @@ class FineTuneModule(pl.LightningModule):
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
-        return loss
+        return self.l2sp.add_to(loss, self, len(y))
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
@@ -287,7 +291,8 @@ class FineTuneModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = param_groups(
-            self.backbone, self.head, self.freeze_plan, hp.lr, hp.backbone_lr_mult, hp.weight_decay, hp.layer_decay
+            self.backbone, self.head, self.freeze_plan, hp.lr, hp.backbone_lr_mult, hp.weight_decay, hp.layer_decay,
+            backbone_weight_decay=0.0 if hp.l2sp else None,  # L2-SP replaces it on the backbone
         )
         optimizer = _instantiate(hp.optimizer, "optim.optimizer")(groups, lr=hp.lr)
         total = self.trainer.estimated_stepping_batches

@@ -49,8 +49,12 @@ def param_groups(
     backbone_lr_mult: float,
     weight_decay: float,
     layer_decay: float | None = None,
+    backbone_weight_decay: float | None = None,
 ) -> list[dict]:
-    """Optimizer groups, each with ``name``, ``lr``, ``weight_decay`` and ``start_epoch`` (None: never trains)."""
+    """Optimizer groups, each with ``name``, ``lr``, ``weight_decay`` and ``start_epoch`` (None: never trains).
+
+    ``backbone_weight_decay`` replaces ``weight_decay`` for the backbone (0 under L2-SP, :mod:`finetune.l2sp`).
+    """
     groups: dict[tuple, dict] = {}
 
     def add(key: tuple, name: str, p: nn.Parameter, lr_: float, wd: float, start: int | None) -> None:
@@ -63,6 +67,7 @@ def param_groups(
 
     num = len(plan.stages)
     skip = model_no_weight_decay(backbone)
+    backbone_wd = weight_decay if backbone_weight_decay is None else backbone_weight_decay
     stage_of = {name: s.index for s in plan.stages for name in s.param_names}
     for n, p in backbone.named_parameters():
         i = stage_of[n]
@@ -72,7 +77,7 @@ def param_groups(
         suffix = ("_no_decay" if nd else "") + (f"_from{start}" if start not in (0, None) else "")
         suffix += "_frozen" if start is None else ""
         key = ("stage", i, nd, start)
-        add(key, f"stage{i}{suffix}", p, lr * scale, 0.0 if nd else weight_decay, start)
+        add(key, f"stage{i}{suffix}", p, lr * scale, 0.0 if nd else backbone_wd, start)
     return list(groups.values())
 
 

@@ -7,6 +7,7 @@ strategy that has it (``freeze.n=1`` for both ``top_stages`` and ``bottom_stages
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping
 
@@ -54,7 +55,10 @@ def describe(backbone_name: str, freeze_options: Mapping[str, Any] | None = None
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(sizes.values())
     strategies = {s.label(): s for s in strategies_with(freeze_options or {}).values()}
-    plans = {k: FreezePlan.build(model, s) for k, s in strategies.items()}
+    # A strategy that changes the backbone (lora's adapters) is shown on its own copy of it.
+    models = {k: s.adapt(copy.deepcopy(model)) if type(s).adapt is not FreezeStrategy.adapt else model
+              for k, s in strategies.items()}
+    plans = {k: FreezePlan.build(models[k], s) for k, s in strategies.items()}
     width = {k: max(12, len(k)) for k in plans}
     lines = [f"{backbone_name}: {len(stages)} stages, {total:,} backbone parameters (head not included)", ""]
     header = f"{'stage':>5}  {'label':<28} {'params':>12}  " + "  ".join(f"{k:>{width[k]}}" for k in plans)
@@ -62,26 +66,32 @@ def describe(backbone_name: str, freeze_options: Mapping[str, Any] | None = None
     for st in stages:
         cells = []
         for k, plan in plans.items():
-            start = plan.start_epoch.get(st.param_names[0]) if st.param_names else None
+            starts = [plan.start_epoch.get(n) for n in plan.stages[st.index].param_names]
+            on = [s for s in starts if s is not None]
+            start = min(on) if on else None
+            part = " (part)" if on and len(on) < len(starts) else ""  # bitfit, norm, lora: a kind of parameter
             if strategies[k].is_dynamic:
-                cells.append("never" if start is None or start >= epochs else f"from epoch {start}")
+                cells.append("never" if start is None or start >= epochs else f"from epoch {start}{part}")
             else:
-                cells.append("train" if start == 0 else "frozen")
+                cells.append(f"train{part}" if start == 0 else "frozen")
         count = sum(sizes[p] for p in st.param_names)
         lines.append(f"{st.index:>5}  {st.label:<28} {count:>12,}  " + "  ".join(f"{c:>{width[k]}}" for k, c in zip(plans, cells)))
     lines += ["", f"backbone parameters that train (at the last of {epochs} epochs for schedules that unfreeze):"]
     for k, plan in plans.items():
-        trained = sum(sizes[p] for p in sizes if plan.trains(p, epochs - 1))
+        trained = sum(p.numel() for n, p in models[k].named_parameters() if plan.trains(n, epochs - 1))
         lines.append(f"  {k}: {trained:,} ({100 * trained / max(1, total):.1f}%)")
     return "\n".join(lines)
 
 
 def _stages(args: list[str]) -> None:
+    from omegaconf import OmegaConf
+
     from finetune.config import compose
 
     # freeze.KEY=VALUE applies to every strategy that has KEY, so it is not composed into one freeze option.
-    options = {a.partition("=")[0].lstrip("+").removeprefix("freeze."): a.partition("=")[2]
-               for a in args if a.lstrip("+").startswith("freeze.")}
+    # Values parsed as YAML, as Hydra's would be: freeze.target_modules=[qkv,proj] is a list.
+    options = OmegaConf.to_container(OmegaConf.from_dotlist(
+        [a.lstrip("+").removeprefix("freeze.") for a in args if a.lstrip("+").startswith("freeze.")]))
     cfg = compose([a for a in args if not a.lstrip("+").startswith("freeze.")])
     print(describe(cfg.backbone.name, options, int(cfg.trainer.max_epochs)))
 

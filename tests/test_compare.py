@@ -124,7 +124,7 @@ def test_a_failed_run_is_listed_and_the_sweep_goes_on(tmp_path: Path) -> None:
 def test_recipe_compare_sweeps_the_standard_strategies_without_multirun_flag(tmp_path: Path) -> None:
     sweep, _ = _sweep(tmp_path, "+recipe=compare")
     rows = _rows(sweep)
-    assert [row["freeze"] for row in rows] == ["none", "head_only", "top_stages", "gradual", "lp_ft"]  # the registry's
+    assert [row["freeze"] for row in rows] == ["none", "head_only", "top_stages", "gradual", "lp_ft", "bitfit", "norm", "lora"]  # the registry's
     assert all(row["status"] == "ok" for row in rows)
     assert all(json.loads((sweep / row["run"] / "metrics.json").read_text())["recipe"] == "compare" for row in rows)
 

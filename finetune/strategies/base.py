@@ -57,6 +57,14 @@ class FreezeStrategy:
     def validate(self) -> None:
         """Raise :class:`FineTuneError` for values that make no sense (called on construction)."""
 
+    def adapt(self, backbone: nn.Module) -> nn.Module:
+        """The backbone this strategy trains: itself by default; ``lora`` adds adapters in place.
+
+        Called on every construction, before the plan and the checkpoint's weights: a checkpoint
+        of an adapted backbone loads into the same adapted shape.
+        """
+        return backbone
+
     def stage_start(self, index: int, num_stages: int) -> int | None:
         """Epoch from which stage ``index`` (0 = stem, ``num_stages - 1`` = top) trains; None: never."""
         raise NotImplementedError
