@@ -1,6 +1,8 @@
-"""Cost follows the freeze: training images/s and peak memory of freeze strategies, side by side.
+"""Cost follows the freeze: training images/s and peak memory of freeze strategies, side by side,
+and the speed-up the course's cost model predicts (finetune.layer_size.freeze_cost) beside the measured one.
 
     python benchmarks/freeze_cost.py [--backbone tf_efficientnet_lite0] [--image-size 224] [--batch-size 16]
+    python benchmarks/freeze_cost.py --backbone resnet18 --no-pretrained   (dense convolutions, for contrast)
 
 Each strategy runs in its own fresh process (so peak memory is its own), one after the
 other in this one invocation, on the same random batch, with the same optimizer setup as
@@ -10,6 +12,12 @@ FineTuneModule. Prints a table and the ratios against ``none`` and writes JSON.
 (see finetune.features): one backbone pass over the epoch's images, then ``--epochs``
 epochs of head steps on the features; its images/s counts every epoch's images over the
 whole time, extraction included.
+
+The prediction counts add-multiplies per training image: 1x each connection before the first trainable
+layer, 3x from it on (forward, and the two products of backward), and for the cached run the
+backbone's 1x once, spread over ``--epochs``. ``predicted x none`` is none's count over the
+strategy's; ``measured x none`` the ratio of images/s. Where they differ, the clock is paying for
+something other than multiply-adds (docs/performance-size.md).
 """
 
 from __future__ import annotations
@@ -42,14 +50,17 @@ def _measure(args: argparse.Namespace, freeze: dict, queue: mp.Queue) -> None:
     import torch
 
     from finetune import FineTuneModule
+    from finetune.layer_size import freeze_cost, size_table, trainable_names
     from finetune.optim import param_groups
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     freeze = dict(freeze)
     cached = freeze.pop("cached", False)
-    m = FineTuneModule(args.backbone, num_classes=10, pretrained=True, freeze=freeze,
+    m = FineTuneModule(args.backbone, num_classes=10, pretrained=args.pretrained, freeze=freeze,
                        channels_last=args.channels_last).to(device)
+    table = size_table(m, args.image_size)
+    cost = freeze_cost(table, trainable_names(m, m.freeze_plan, 0), cached=cached)
     m.train()
     opt = torch.optim.AdamW(param_groups(m.backbone, m.head, m.freeze_plan, 1e-3, 0.1, 0.01))
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
@@ -98,6 +109,8 @@ def _measure(args: argparse.Namespace, freeze: dict, queue: mp.Queue) -> None:
             "peak_memory_mib": peak,
             "rss_before_timing_mib": base_rss,
             "trainable_params": m.trainable_params(),
+            "predicted_macs_per_image": cost.macs_per_image(args.epochs if cached else 1),
+            "units_kept": cost.units_kept,
             "device": str(device),
             "threads": torch.get_num_threads(),
         }
@@ -113,6 +126,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--epochs", type=int, default=5, help="epochs of the cached head_only run")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="pretrained weights (--no-pretrained: random ones, where none are at hand)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "freeze_cost.json"))
     args = p.parse_args()
 
@@ -128,13 +143,16 @@ def main() -> None:
     ref = results["none"]
     print(f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {args.steps} timed steps, "
           f"device {ref['device']} ({ref['threads']} threads), {platform.processor() or platform.machine()}, "
-          f"channels_last={args.channels_last}, pretrained weights")
+          f"channels_last={args.channels_last}, {'pretrained' if args.pretrained else 'random'} weights")
     mem_label = "peak GPU MiB" if ref["device"].startswith("cuda") else "peak RSS MiB"
-    print(f"{'strategy':<20} {'trainable':>12} {'images/s':>10} {'x none':>8} {mem_label:>14} {'x none':>8}")
+    print(f"{'strategy':<20} {'trainable':>12} {'MACs/image':>14} {'predicted x none':>17} {'images/s':>10} "
+          f"{'measured x none':>16} {mem_label:>14} {'x none':>8}")
     for label, r in results.items():
         r["speed_vs_none"] = r["images_per_s"] / ref["images_per_s"]
+        r["predicted_speed_vs_none"] = ref["predicted_macs_per_image"] / r["predicted_macs_per_image"]
         r["memory_vs_none"] = r["peak_memory_mib"] / ref["peak_memory_mib"]
-        print(f"{label:<20} {r['trainable_params']:>12,} {r['images_per_s']:>10.1f} {r['speed_vs_none']:>8.2f} "
+        print(f"{label:<20} {r['trainable_params']:>12,} {r['predicted_macs_per_image']:>14,.0f} "
+              f"{r['predicted_speed_vs_none']:>17.2f} {r['images_per_s']:>10.1f} {r['speed_vs_none']:>16.2f} "
               f"{r['peak_memory_mib']:>14.0f} {r['memory_vs_none']:>8.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

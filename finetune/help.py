@@ -203,10 +203,11 @@ def _size() -> str:
         "units (activations kept for backprop), weights (biases apart), connections (add-multiplies of a",
         "forward pass), at the run's image size; then what the freeze strategy trains, keeps and costs.",
         "",
-        "usage: python -m finetune.size [backbone.name=TIMM_NAME] [data.image_size=N] [freeze=STRATEGY] [num_classes=N]",
+        "usage: python -m finetune.size [backbone.name=TIMM_NAME] [data.image_size=N] [freeze=STRATEGY]"
+        " [num_classes=N]",
         "",
         "== Main options ==",
-        "  backbone=NAME | backbone.name=TIMM_NAME   the network measured (random weights: sizes do not depend on them)",
+        "  backbone=NAME | backbone.name=TIMM_NAME   the network measured (random weights: sizes do not need others)",
         "  data.image_size=N   the input size; default: the data's (digits: 64), else the backbone's",
         "  freeze=STRATEGY     freeze.KEY=VALUE  augment=none  cache_features=...  as for a run",
         "  num_classes=10      the new head's classes (the data decides them in a run)",

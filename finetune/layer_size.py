@@ -169,15 +169,16 @@ def size_table(model: nn.Module, image_size: int, in_chans: int | None = None) -
             handles.append(mod.register_forward_hook(post(name)))
     modes = {m: m.training for m in model.modules()}
     first = next(model.parameters(), None)
-    x = torch.zeros(1, in_chans, image_size, image_size,
-                    device=first.device if first is not None else None,
-                    dtype=first.dtype if first is not None and first.is_floating_point() else None)
     model.eval()
     try:
+        x = torch.zeros(1, in_chans, image_size, image_size,
+                        device=first.device if first is not None else None,
+                        dtype=first.dtype if first is not None and first.is_floating_point() else None)
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
             model(x)
-    except RuntimeError as e:  # e.g. "Output size is too small": the image is too small for the network
-        raise FineTuneError(f"the model cannot run on a {image_size} px image: {str(e).strip().splitlines()[0]}") from None
+    except RuntimeError as e:  # "Output size is too small", or out of memory: the image does not fit the network
+        why = str(e).strip().splitlines()[0]
+        raise FineTuneError(f"the model cannot run on a {image_size} px image: {why}") from None
     finally:
         for h in handles:
             h.remove()
@@ -243,7 +244,7 @@ def freeze_cost(table: SizeTable, trainable: Iterable[str], cached: bool = False
     )
 
 
-def size_metrics(table: SizeTable, cost: FreezeCost) -> dict[str, int]:
+def size_metrics(cost: FreezeCost) -> dict[str, int]:
     """The sizes a run records in ``metrics.json`` (``size``) and its summary."""
     out = {
         "units": cost.units, "units_kept_for_backward": cost.units_kept,

@@ -38,7 +38,9 @@ def print_summary(
         z = m["size"]
         lines.append(f"size        units {z['units']:,} ({z['units_kept_for_backward']:,} kept for backward), weights "
                      f"{z['weights']:,} ({z['trainable_weights']:,} trainable), connections {z['connections']:,}; "
-                     f"{z['train_multiply_adds_per_image']:,} add-multiplies per training image")
+                     f"{z['train_multiply_adds_per_image']:,} add-multiplies per training image"
+                     + (f" (+ {z['feature_extraction_multiply_adds_per_image']:,} once: cached features)"
+                        if "feature_extraction_multiply_adds_per_image" in z else ""))
     if "test_acc" in m:
         lines.append(f"test        top-1 {_pct(m.get('test_acc'))}   top-5 {_pct(m.get('test_top5'))}")
     for split, counts in class_counts.items():

@@ -47,7 +47,7 @@ def render(table: SizeTable, labels: Mapping[str, str], costs: Mapping[str, Free
               + (f" + others (embeddings, ...) {table.params - w - b - n:,}" if table.params - w - b - n else ""),
               f"FlopCounterMode: {table.flop_counter_macs:,} multiply-adds; the conv and linear connections: {macs:,}"]
     if table.flop_counter_macs != macs:
-        lines.append("  (the difference: products without weights, e.g. attention, which the course's table leaves out)")
+        lines.append("  (the difference: products without weights, e.g. attention: not in the course's table)")
     for label, c in costs.items():
         lines += ["", f"{label}:", f"  trainable weights          {_ratio(c.trainable_weights, c.weights)}",
                   f"  units kept for backward    {_ratio(c.units_kept, c.units)}",

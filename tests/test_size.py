@@ -48,7 +48,7 @@ def run_model(name: str, num_classes: int = 10) -> nn.Sequential:
 def test_lenet5_reproduces_the_course_table() -> None:
     table = size_table(lenet5(), 32)
     assert [(r.name, r.kind, r.units, r.connections, r.weights) for r in table.layers] == LENET5
-    assert [r.biases for r in table.layers] == [6, 0, 16, 0, 120, 84, 10]  # counted apart, as the course leaves them out
+    assert [r.biases for r in table.layers] == [6, 0, 16, 0, 120, 84, 10]  # apart: the course leaves them out
     assert table.flop_counter_macs == 117_600 + 240_000 + 48_000 + 10_080 + 840  # torch's count of the same pass
 
 

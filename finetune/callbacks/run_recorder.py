@@ -56,7 +56,7 @@ def _model_size(trainer: pl.Trainer, model: Any) -> dict[str, int]:
     epoch = max(0, (trainer.max_epochs or 1) - 1)  # as trainable_params: what trains in the last epoch
     table = size_table(model, dm.image_size)
     cost = freeze_cost(table, trainable_names(model, model.freeze_plan, epoch), cached=trainer.datamodule is not dm)
-    return size_metrics(table, cost)
+    return size_metrics(cost)
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str:
@@ -86,7 +86,7 @@ class RunRecorder(Callback):
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
-        self.results: dict[str, float] = {}
+        self.results: dict[str, Any] = {}  # final val/test metrics; calibration adds its own
         self.train_time_s = 0.0
         self.memory: dict[str, float] = {}
         self.size: dict[str, int] = {}
