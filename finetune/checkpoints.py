@@ -19,7 +19,8 @@ from finetune.checkpoint_io import load_error_reason, safe_load
 from finetune.data.transforms import eval_transform
 from finetune.errors import FineTuneError
 
-__all__ = ["Preprocessing", "check_finite", "class_names", "load_checkpoint", "resolve_preprocessing", "run_dir_of"]
+__all__ = ["Preprocessing", "check_finite", "class_names", "load_checkpoint", "output_dir_of", "resolve_preprocessing",
+           "run_dir_of"]
 
 # The data config keys that decide eval preprocessing (ImageDataModule's names).
 _PREP_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
@@ -131,6 +132,15 @@ def run_dir_of(ckpt: str | os.PathLike[str]) -> Path | None:
     """The run directory of a checkpoint saved in ``RUN/checkpoints/``, else None."""
     parent = Path(ckpt).expanduser().resolve().parent
     return parent.parent if parent.name == "checkpoints" else None
+
+
+def output_dir_of(ckpt: str | os.PathLike[str]) -> Path:
+    """Where a command writes what it derives from ``ckpt`` unless told otherwise (``out=``).
+
+    The one rule of every command: beside the checkpoint's run directory (``RUN/`` for
+    ``RUN/checkpoints/x.ckpt``), else beside the checkpoint file; never the working directory.
+    """
+    return run_dir_of(ckpt) or Path(ckpt).expanduser().resolve().parent
 
 
 def _saved_data_config(raw: dict[str, Any], ckpt: Path) -> tuple[dict[str, Any], str] | None:

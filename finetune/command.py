@@ -9,7 +9,6 @@ writes nothing into the working directory (no ``outputs/``, ``.hydra/`` or ``*.l
 from __future__ import annotations
 
 import functools
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Sequence, TypeVar
@@ -17,6 +16,7 @@ from typing import Any, Callable, List, Sequence, TypeVar
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from finetune.argv import expand_home, hydra_quote
 from finetune.errors import FineTuneError, run_hydra
 from finetune.help import hydra_template, register_help
 
@@ -52,14 +52,6 @@ class CommandConfig:
     hydra: Any = field(default_factory=_quiet_hydra)
 
 
-def _quote(value: str) -> str:
-    """``value`` as a Hydra quoted string that parses back to exactly ``value``."""
-    value = value.replace("${", "\\${")  # OmegaConf's escape: a path is never an interpolation
-    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # Hydra: backslashes before a quote double
-    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)  # and so do those before the closing quote
-    return f"'{value}'"
-
-
 def literal(arg: str, keys: Sequence[str]) -> str:
     """``key=value`` with ``value`` quoted for Hydra where ``key`` is one of ``keys`` (paths).
 
@@ -69,7 +61,7 @@ def literal(arg: str, keys: Sequence[str]) -> str:
     key, sep, value = arg.partition("=")
     if not sep or key not in keys or (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
         return arg
-    return f"{key}={_quote(value)}"
+    return f"{key}={hydra_quote(value)}"
 
 
 def check_positive(cfg: Any, *keys: str) -> None:
@@ -113,7 +105,7 @@ def run_app(app: Callable[[], Any], argv: Sequence[str] | None = None, literal_k
             raise _held.pop()
 
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "finetune", *(literal(a, literal_keys) for a in args)]
+    sys.argv = [saved[0] if saved else "finetune", *(literal(a, literal_keys) for a in expand_home(args))]
     try:
         run_hydra(call)
     finally:

@@ -81,8 +81,10 @@ def run_hydra(app: Callable[[], Any]) -> Any:
 
 def run_command(command: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
     """Run a ``python -m finetune.NAME key=value ...`` command: bad input is one ``error:`` line and exit 2."""
+    from finetune.argv import expand_home
+
     try:
-        return command(sys.argv[1:] if argv is None else argv)
+        return command(expand_home(sys.argv[1:] if argv is None else argv))
     except _user_error_types() as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)

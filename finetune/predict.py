@@ -16,12 +16,15 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
-from finetune.checkpoints import Preprocessing, class_names, load_checkpoint, resolve_preprocessing
+from finetune.checkpoints import (
+    Preprocessing, class_names, load_checkpoint, output_dir_of, resolve_preprocessing,
+)
 from finetune.command import CommandConfig, command_hydra, check_positive, hold_errors, run_app
 from finetune.data.images import is_image_file
 from finetune.data.scan import check_on_bad_image
 from finetune.errors import FineTuneError
 from finetune.inference import ImageFiles, probabilities
+from finetune.tta import check_tta, check_tta_allowed, tta_transform
 
 __all__ = [
     "PredictConfig",
@@ -41,21 +44,24 @@ class PredictConfig(CommandConfig):
     Attributes:
         ckpt: the checkpoint (``outputs/DATE/TIME/checkpoints/last.ckpt``).
         images: a folder (searched recursively), or image files, comma-separated.
-        out: the CSV written: path, then class and probability of each of the top k.
+        out: the CSV written: path, then class and probability of each of the top k. Empty:
+            ``predictions.csv`` beside the checkpoint's run directory (see ``output_dir_of``).
         batch_size: images per forward pass.
         topk: classes listed per image (at most the checkpoint's number of classes).
         image_size: override the run's input size (None: the run's).
         on_bad_image: ``error``: an unreadable image stops the command, named; ``skip``: it is
             left out and listed.
+        tta: test-time augmentation, ``none``, ``hflip`` or ``five_crop`` (:mod:`finetune.tta`).
     """
 
     ckpt: str = ""
     images: str = ""
-    out: str = "predictions.csv"
+    out: str = ""
     batch_size: int = 32
     topk: int = 5
     image_size: Optional[int] = None
     on_bad_image: str = "error"
+    tta: str = "none"
     hydra: Any = field(default_factory=lambda: command_hydra("predict"))  # --help: finetune.help
 
 
@@ -88,10 +94,12 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def image_probabilities(
-    module: Any, paths: Sequence[Path], prep: Preprocessing, batch_size: int = 32, on_bad_image: str = "error"
+    module: Any, paths: Sequence[Path], prep: Preprocessing, batch_size: int = 32, on_bad_image: str = "error",
+    tta: str = "none",
 ) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
     """The readable images in ``paths``' order, their class probabilities, and the unreadable ones with why."""
-    files = ImageFiles(paths, prep.transform(), batch_size, skip=check_on_bad_image(on_bad_image) == "skip")
+    skip = check_on_bad_image(on_bad_image) == "skip"
+    files = ImageFiles(paths, tta_transform(prep, tta), batch_size, skip=skip)
     probs, indices = probabilities(module, files.loader())
     readable = [files.paths[i] for i in indices.tolist()] if indices is not None else []
     return readable, probs, files.bad
@@ -104,10 +112,11 @@ def predict_images(
     batch_size: int = 32,
     topk: int = 5,
     on_bad_image: str = "error",
+    tta: str = "none",
 ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
     """Top-k ``(class, probability)`` per readable image, and the unreadable images with why."""
     names = class_names(module)
-    readable, probs, bad = image_probabilities(module, paths, prep, batch_size, on_bad_image)
+    readable, probs, bad = image_probabilities(module, paths, prep, batch_size, on_bad_image, tta)
     top, idx = probs.topk(min(topk, len(names)), dim=-1)
     results = [
         (path, [(names[c], p) for c, p in zip(i, ps)]) for path, ps, i in zip(readable, top.tolist(), idx.tolist())
@@ -135,14 +144,16 @@ def predict(cfg: PredictConfig) -> int:
     """The command; returns the number of images predicted."""
     check_positive(cfg, "batch_size", "topk", "image_size")
     check_on_bad_image(cfg.on_bad_image)  # before the slow part: loading the checkpoint
+    check_tta(cfg.tta)
     paths = collect_images(s for s in (part.strip() for part in cfg.images.split(",")) if s)
     module, raw = load_checkpoint(cfg.ckpt)
     prep = resolve_preprocessing(module, raw, cfg.ckpt, cfg.image_size)
+    check_tta_allowed(cfg.tta, raw, cfg.ckpt, prep)
     print(prep.describe())
-    results, bad = predict_images(module, paths, prep, cfg.batch_size, cfg.topk, cfg.on_bad_image)
+    results, bad = predict_images(module, paths, prep, cfg.batch_size, cfg.topk, cfg.on_bad_image, cfg.tta)
     for image, top in results:
         print(f"{image}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
-    out = Path(cfg.out).expanduser()
+    out = Path(cfg.out).expanduser() if cfg.out else output_dir_of(cfg.ckpt) / "predictions.csv"
     write_predictions(results, out, min(cfg.topk, len(class_names(module))))
     print(f"wrote {out} ({len(results)} image(s))")
     if bad:
@@ -160,7 +171,7 @@ def _app(cfg: PredictConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.predict ckpt=PATH images=DIR_OR_FILE[,FILE...] [out=predictions.csv] [batch_size=32]
-    [topk=5] [image_size=N] [on_bad_image=error|skip]``."""
+    [topk=5] [image_size=N] [on_bad_image=error|skip] [tta=none|hflip|five_crop]``."""
     run_app(_app, argv, literal_keys=("ckpt", "images", "out"))
 
 

@@ -6,10 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
-
-from finetune import FineTuneModule, ImageDataModule
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -26,22 +22,23 @@ def test_main_job_reaches_97_percent_on_digits(tmp_path: Path) -> None:
     assert m["test_acc"] >= 0.97, m
 
 
-def test_python_api_with_a_plain_lightning_trainer(tmp_path: Path) -> None:
-    """The README's Python example: a linear probe on pretrained features learns digits in a few epochs."""
-    dm = ImageDataModule("digits", backbone="tf_efficientnet_lite0", image_size=64, hflip=0.0, scale=(0.7, 1.0))
-    model = FineTuneModule("tf_efficientnet_lite0", num_classes=dm.num_classes, pretrained=True,
-                           freeze="head_only", lr=1e-2)
-    # One epoch measured 0.64-0.69 test accuracy (flaky against 0.7); three measured 0.80.
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", default_root_dir=tmp_path,
-                         enable_progress_bar=False, logger=False)
-    trainer.fit(model, dm)
-    result = trainer.test(model, dm, verbose=False)[0]
+def test_the_readmes_python_example_runs_as_written(tmp_path: Path, monkeypatch) -> None:
+    """README's Python block, executed as it stands: a linear probe on pretrained features learns digits.
+
+    One epoch measured 0.64-0.69 test accuracy (flaky against 0.7); three measured 0.80.
+    """
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
     # Random features give ~10-30% here; ImageNet features well above that.
-    assert result["test/acc"] > 0.7, result
-    ckpt = tmp_path / "probe.ckpt"
-    trainer.save_checkpoint(ckpt)
-    restored = FineTuneModule.load_from_checkpoint(ckpt)
+    assert ns["result"]["test/acc"] > 0.7, ns["result"]
+    restored = ns["model"]
     assert restored.weights_source == "checkpoint" and restored.hparams.freeze["name"] == "head_only"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # Lightning's files where the example says
 
 
 def test_auto_recipe_on_digits_does_as_well_as_an_rbf_svm_on_the_same_split(tmp_path: Path) -> None:

@@ -129,7 +129,10 @@ def test_predict_bad_image_is_an_error_naming_it_or_skipped_and_listed(
           "batch_size=2"])
     out = capsys.readouterr().out
     assert "skipped 1 unreadable image(s)" in out and f"  {bad}: " in out
-    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    from finetune.checkpoints import output_dir_of
+
+    assert not (tmp_path / "predictions.csv").exists()  # never into the working directory
+    rows = list(csv.DictReader((output_dir_of(ckpt) / "predictions.csv").open()))
     assert len(rows) == 7 and "top3_prob" in rows[0] and "top4_prob" not in rows[0]  # topk capped at 3 classes
     good = sorted(p for p in images.iterdir() if p != bad)
     assert [Path(r["path"]) for r in rows] == [*good, root / "val" / "class_1" / "0.png"]  # order kept, bad left out
@@ -196,7 +199,8 @@ def test_predict_and_evaluate_give_the_same_probabilities_as_the_model_in_eval_m
     transform = prep.transform()
     x = torch.stack([transform(image=load_image(p))["image"] for p in split.items])
     with torch.no_grad():
-        direct = module.eval()(x).softmax(-1)  # eval mode: BatchNorm's running statistics
+        # eval mode: BatchNorm's running statistics; the temperature the run fitted (finetune.calibration)
+        direct = (module.eval()(x) / module.temperature).softmax(-1)
     # Not closer: on a GPU, convolutions may run in TF32. Train-mode BatchNorm would be off by ~0.4 here.
     torch.testing.assert_close(by_eval, direct, rtol=0, atol=1e-3)
 
@@ -346,7 +350,9 @@ def test_training_predicting_and_evaluating_leave_the_data_folder_untouched(
     predict_main([f"ckpt={ckpt}", f"images={root}"])
     evaluate_main([f"ckpt={ckpt}"])  # the run's own data, results into the run dir
     assert _snapshot(root) == before
-    assert (work / "predictions.csv").is_file() and (tmp_path / "run" / "evaluation.json").is_file()
+    # One rule for what the commands write: beside the checkpoint's run directory, nothing in the cwd.
+    assert (tmp_path / "run" / "predictions.csv").is_file() and (tmp_path / "run" / "evaluation.json").is_file()
+    assert list(work.iterdir()) == []
 
 
 def test_a_corrupt_image_in_the_data_stops_the_run_or_is_skipped_and_listed(tmp_path: Path, make_folder) -> None:
