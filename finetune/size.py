@@ -78,12 +78,13 @@ def _size(args: list[str]) -> None:
     cfg = compose([a for a in args if not a.startswith("num_classes=")])
     if cfg.data.image_size is not None and cfg.data.image_size < 1:
         raise FineTuneError(f"data.image_size must be at least 1, got {cfg.data.image_size}")
-    backbone = create_backbone(cfg.backbone.name, pretrained=False).model  # weights do not change sizes
-    backbone.reset_classifier(0)
-    image_size = cfg.data.image_size or timm.data.resolve_model_data_config(backbone)["input_size"][-1]
-    head = build_head(OmegaConf.to_container(cfg.head), backbone.num_features, num_classes)
-    model = nn.Sequential(OrderedDict(backbone=backbone, head=head))
     strategy = get_strategy(OmegaConf.to_container(cfg.freeze))
+    timm_model = create_backbone(cfg.backbone.name, pretrained=False).model  # weights do not change sizes
+    timm_model.reset_classifier(0)
+    image_size = cfg.data.image_size or timm.data.resolve_model_data_config(timm_model)["input_size"][-1]
+    head = build_head(OmegaConf.to_container(cfg.head), timm_model.num_features, num_classes)
+    backbone = strategy.adapt(timm_model)  # as FineTuneModule: freeze=lora's adapters are layers too
+    model = nn.Sequential(OrderedDict(backbone=backbone, head=head))
     plan = FreezePlan.build(backbone, strategy)
     table = size_table(model, int(image_size))
     epochs = int(cfg.trainer.max_epochs)

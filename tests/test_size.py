@@ -153,3 +153,15 @@ def test_run_records_its_size(tmp_path: Path, make_folder, capsys: pytest.Captur
     # head_only on unaugmented images trains on cached features: the backbone runs once, not each epoch.
     assert m["cached_features"] and m["size"]["train_multiply_adds_per_image"] == 3 * head.connections
     assert "size        units" in capsys.readouterr().out
+
+
+def test_lora_adapters_are_layers_of_their_own_and_only_they_train_in_the_backbone() -> None:
+    strategy = get_strategy("lora")
+    model = run_model("test_vit")
+    model.backbone = strategy.adapt(model.backbone)
+    table = size_table(model, 64)
+    adapters = [r for r in table.layers if ".lora_" in r.name]
+    head = table.layers[-1]
+    cost = _cost(model, table, "lora")
+    assert adapters and cost.trainable_weights == sum(r.weights for r in adapters) + head.weights
+    assert table.flop_counter_macs == table.total("connections", ["convolution", "fully connected"])
