@@ -113,7 +113,7 @@ def _write_sheet(tiles: list[tuple[np.ndarray, str, bool]], path: Path, title: s
         ax.imshow(img)
         ax.set_title(caption, fontsize=7, color="crimson" if wrong else "black")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # the title's strip stays clear
     fig.savefig(path, dpi=100)
 
 
@@ -169,9 +169,13 @@ def write_cams(
     n_wrong = sum(it.wrong for it in chosen)
     sheet = out_dir / "contact_sheet.png"
     if tiles:
-        shown = f"; the first {SHEET_TILES} shown" if len(tiles) > SHEET_TILES else ""
-        _write_sheet(tiles[:SHEET_TILES], sheet, f"Grad-CAM at {layer_name} ({cells}x{cells} cells): {n_wrong} misclassified (red, most "
-                                                 f"confident first), then up to {per_class} correct per class{shown}")
+        wrong, right = [t for t in tiles if t[2]], [t for t in tiles if not t[2]]
+        # Mistakes first, but correct images keep at least half the sheet to compare them with.
+        n_wrong_shown = min(len(wrong), SHEET_TILES - min(len(right), SHEET_TILES // 2))
+        shown = wrong[:n_wrong_shown] + right[:SHEET_TILES - n_wrong_shown]
+        _write_sheet(shown, sheet, f"Grad-CAM at {layer_name} ({cells}x{cells} cells): {n_wrong_shown} of {n_wrong} "
+                                   f"misclassified (red, most confident first), {len(shown) - n_wrong_shown} of "
+                                   f"{len(right)} correct (the most confident per class)")
     return {"dir": str(out_dir), "target_layer": layer_name, "cells": cells, "misclassified": n_wrong,
             "misclassified_in_split": int((probs.argmax(1) != labels).sum()), "correct": len(chosen) - n_wrong,
             "contact_sheet": str(sheet) if tiles else None}

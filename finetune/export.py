@@ -15,6 +15,7 @@ more than :data:`TOLERANCE` is refused, not written.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import math
@@ -87,6 +88,7 @@ class Exported:
     preprocessing: Path
     max_abs_diff: float
     seconds: float
+    lora_layers_merged: int = 0
 
 
 def _check_format(fmt: str) -> None:
@@ -197,10 +199,21 @@ def _run_torchscript(path: Path, x: torch.Tensor) -> torch.Tensor:
         return torch.jit.load(str(path), map_location="cpu")(x)
 
 
+def _merge_lora(model: Probabilities, module: Any) -> int:
+    """Fold LoRA adapters into a copy of ``model``'s backbone: the file holds plain timm weights, one matmul a layer."""
+    if (module.hparams.get("freeze") or {}).get("name") != "lora":
+        return 0
+    from finetune.lora import merge_lora_layers
+
+    model.backbone = copy.deepcopy(model.backbone)
+    return merge_lora_layers(model.backbone)
+
+
 def export_module(module: Any, prep: Preprocessing, out_dir: Path, fmt: str = "onnx", dynamo: bool = True) -> Exported:
     """Export ``module`` (a FineTuneModule in eval mode) into ``out_dir`` and check it against the module.
 
-    ``module.temperature`` (1.0 where the module has none) is folded into the exported probabilities.
+    ``module.temperature`` (1.0 where the module has none) is folded into the exported probabilities,
+    and a ``freeze=lora`` module's adapters into a copy of its weights (``module`` is left as it is).
     The model file is written under a temporary name and renamed only once it passed the check.
     """
     _check_format(fmt)
@@ -209,6 +222,9 @@ def export_module(module: Any, prep: Preprocessing, out_dir: Path, fmt: str = "o
     size = prep.image_size
     gen = torch.Generator().manual_seed(0)
     example, check = (torch.randn(n, 3, size, size, generator=gen) for n in (2, 3))
+    with torch.no_grad():
+        want = torch.cat([model(check[:1]), model(check)])  # the checkpoint's own numbers, before any merge
+    merged = _merge_lora(model, module)
     name = FORMATS[fmt][0]
     final, temp = out_dir / name, out_dir / f".{name}.partial"
     start = time.perf_counter()
@@ -221,8 +237,6 @@ def export_module(module: Any, prep: Preprocessing, out_dir: Path, fmt: str = "o
         seconds = time.perf_counter() - start
         with _quiet():
             run = _run_onnx if fmt == "onnx" else _run_torchscript
-            with torch.no_grad():
-                want = torch.cat([model(check[:1]), model(check)])
             got = torch.cat([run(temp, check[:1]), run(temp, check)])
         diff = float((got - want).abs().max())
         if not diff <= TOLERANCE:
@@ -234,7 +248,7 @@ def export_module(module: Any, prep: Preprocessing, out_dir: Path, fmt: str = "o
     json_path = out_dir / "preprocessing.json"
     spec = preprocessing_json(prep, class_names(module), fmt, name, temperature, str(module.hparams.backbone))
     json_path.write_text(json.dumps(spec, indent=2) + "\n")
-    return Exported(final, json_path, diff, seconds)
+    return Exported(final, json_path, diff, seconds, merged)
 
 
 def export(cfg: ExportConfig) -> Exported:
@@ -249,6 +263,8 @@ def export(cfg: ExportConfig) -> Exported:
     runner = "onnxruntime" if cfg.format == "onnx" else "torch.jit.load"
     print(f"exported in {result.seconds:.1f} s; {runner} matches the checkpoint: "
           f"max |difference| of probabilities {result.max_abs_diff:.1e} (batches of 1 and 3)")
+    if result.lora_layers_merged:
+        print(f"LoRA adapters merged into the weights of {result.lora_layers_merged} layers")
     print(f"wrote {result.model} ({mb:.1f} MB) and {result.preprocessing}")
     return result
 

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,21 +25,27 @@ from finetune.checkpoints import load_checkpoint, resolve_preprocessing
 from finetune.export import ExportConfig, export, export_module, main
 from finetune.predict import image_probabilities
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")  # our own loads
 DOC = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
 # A crop that resizes (short side 32 / 0.8 = 40), crops, and normalizes per channel.
 DATA_CONFIG = {"image_size": 32, "crop_pct": 0.8, "interpolation": "bicubic", "crop_mode": "center",
                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
-def make_checkpoint(path: Path, backbone: str, names: list[str], data_config: dict) -> Path:
-    """A finetune checkpoint of an untrained tiny model with ``names`` and the run's preprocessing ``data_config``."""
+def make_checkpoint(path: Path, backbone: str, names: list[str], data_config: dict, freeze: str | dict = "none",
+                    edit: Any = None) -> Path:
+    """A finetune checkpoint of an untrained tiny model with ``names`` and the run's preprocessing ``data_config``
+    (``edit``: called on the module before it is saved)."""
     import pytorch_lightning as pl
 
     from finetune.module import FineTuneModule
 
     torch.manual_seed(0)
-    module = FineTuneModule(backbone=backbone, num_classes=len(names), pretrained=False, class_names=names)
+    module = FineTuneModule(backbone=backbone, num_classes=len(names), pretrained=False, class_names=names,
+                            freeze=freeze)
     module.hparams["data_config"] = dict(data_config)
+    if edit is not None:
+        edit(module)
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +170,37 @@ def test_the_temperature_is_folded_into_the_exported_probabilities(ckpt: Path, t
     assert torch.allclose(got, (logits / 3.0).softmax(-1), atol=1e-5)
     assert (got - logits.softmax(-1)).abs().max() > 1e-3  # T changes them: the check above is not vacuous
     assert json.loads(result.preprocessing.read_text())["temperature"] == 3.0
+
+
+def _train_adapters(module: Any) -> None:
+    with torch.no_grad():  # peft starts lora_B at zero (adapters that change nothing): as if trained
+        for name, p in module.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+
+
+def test_a_lora_checkpoint_exports_its_merged_weights(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    ckpt = make_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", "test_vit", ["a", "b", "c"], DATA_CONFIG,
+                           freeze={"name": "lora"}, edit=_train_adapters)
+    result = export(ExportConfig(ckpt=str(ckpt)))
+    assert result.lora_layers_merged > 0
+    names = [t.name for t in onnx.load(str(result.model)).graph.initializer]
+    assert not [n for n in names if "lora" in n.lower()] and any("qkv" in n for n in names)
+
+    module, _ = load_checkpoint(ckpt)  # the adapters, unmerged: the exported file must give its numbers
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = module(x).softmax(-1)
+        for name, p in module.backbone.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+        without_adapters = module(x).softmax(-1)
+    got = torch.from_numpy(ort.InferenceSession(str(result.model)).run(None, {"image": x.numpy()})[0])
+    assert (got - want).abs().max() < 1e-4
+    assert (want - without_adapters).abs().max() > 1e-3  # the adapters matter: the merge is not vacuous
 
 
 def test_a_model_that_fails_the_parity_check_is_not_written(ckpt: Path, tmp_path: Path,
