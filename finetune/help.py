@@ -22,6 +22,7 @@ COMMANDS = {
     "finetune.stages": "a backbone's stages and what each freeze strategy trains",
     "finetune.size": "a network's units, weights and connections per layer and stage, and what a freeze costs",
     "finetune.compare": "the comparison table and plot of the runs of a sweep directory",
+    "finetune.export": "a checkpoint as ONNX or TorchScript with its preprocessing as JSON, to run without finetune",
 }
 
 # Each recipe's why in one line; a recipe not listed here shows the first sentence of its file's comment.
@@ -128,10 +129,32 @@ def _evaluate() -> str:
         "  ckpt=PATH        a run's checkpoint",
         "  split=test       the split scored; the run's own data unless data=... / data.KEY=... say otherwise",
         "  out_dir=DIR  batch_size=64  image_size=N",
+        "  cam=true         Grad-CAM overlays of the misclassified images, cam_per_class=2 correct ones per class,",
+        "                   and cam/contact_sheet.png (needs pip install 'finetune[explain]')",
         "",
         "== Example ==",
         "  python -m finetune.evaluate ckpt=outputs/DATE/TIME/checkpoints/best.ckpt split=test",
         "  python -m finetune.evaluate ckpt=RUN_DIR/checkpoints/last.ckpt data=folder data.root=OTHER_DIR",
+    ])
+
+
+def _export() -> str:
+    return "\n".join([
+        "python -m finetune.export: a checkpoint as a model file that runs without this package (onnxruntime,",
+        "libtorch), taking a preprocessed batch (N, 3, H, W) and returning calibrated class probabilities,",
+        "with preprocessing.json beside it (input_size, interpolation, mean, std, crop_pct, crop_mode, class_names).",
+        "The written model is run once and compared with the checkpoint before it is kept.",
+        "",
+        "usage: python -m finetune.export ckpt=PATH [format=onnx|torchscript] [out=DIR]",
+        "",
+        "== Main options ==",
+        "  ckpt=PATH        a run's checkpoint",
+        "  format=onnx      onnx (model.onnx; needs pip install 'finetune[export]') or torchscript (model.pt)",
+        "  out=DIR          where the model and preprocessing.json go; default: RUN_DIR/export",
+        "  dynamo=true      torch.onnx.export's exporter (false: the older TorchScript-based one)",
+        "",
+        "== Example ==",
+        "  python -m finetune.export ckpt=outputs/DATE/TIME/checkpoints/best.ckpt   (docs/deploy.md: using it)",
     ])
 
 
@@ -218,7 +241,7 @@ def _size() -> str:
 
 
 _TEXTS = {"finetune": _finetune, "predict": _predict, "evaluate": _evaluate, "advise": _advise, "stages": _stages,
-          "size": _size}
+          "size": _size, "export": _export}
 
 
 def help_text(command: str) -> str:
@@ -228,7 +251,7 @@ def help_text(command: str) -> str:
 
 def hydra_template(command: str) -> str:
     """``hydra.help.template`` of a Hydra app: our text, then Hydra's list of config groups."""
-    groups = "\n== Config groups (GROUP=OPTION) ==\n$APP_CONFIG_GROUPS" if command != "predict" else ""
+    groups = "\n== Config groups (GROUP=OPTION) ==\n$APP_CONFIG_GROUPS" if command not in ("predict", "export") else ""
     return "${finetune_help:" + command + "}\n" + groups
 
 
