@@ -33,6 +33,7 @@ from torch import nn
 
 from finetune.checkpoints import Preprocessing, class_names, load_checkpoint, output_dir_of, resolve_preprocessing
 from finetune.command import CommandConfig, command_hydra, hold_errors, run_app
+from finetune.data.transforms import INTERPOLATIONS
 from finetune.errors import FineTuneError
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportConfig", "Exported", "Probabilities", "export", "export_module", "main"]
@@ -151,8 +152,11 @@ def preprocessing_json(prep: Preprocessing, names: Sequence[str], fmt: str, mode
 
 
 def _cv2_name(interpolation: str) -> str:
-    return {"bilinear": "LINEAR", "bicubic": "CUBIC", "nearest": "NEAREST", "area": "AREA",
-            "lanczos": "LANCZOS4"}.get(interpolation, "CUBIC")
+    """The name of the OpenCV flag the eval pipeline resizes with (``LINEAR`` for ``bilinear``)."""
+    import cv2
+
+    flag = INTERPOLATIONS.get(interpolation, cv2.INTER_CUBIC)  # the unknown fall back to bicubic there too
+    return next(n for n in ("NEAREST", "LINEAR", "CUBIC", "AREA", "LANCZOS4") if getattr(cv2, f"INTER_{n}") == flag)
 
 
 @contextlib.contextmanager

@@ -150,12 +150,13 @@ def test_torchscript_gives_predicts_probabilities(ckpt: Path, images: list[Path]
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_the_temperature_is_folded_into_the_exported_probabilities(ckpt: Path, tmp_path: Path, fmt: str) -> None:
+@pytest.mark.parametrize("fmt, dynamo", [("onnx", True), ("onnx", False), ("torchscript", True)])
+def test_the_temperature_is_folded_into_the_exported_probabilities(ckpt: Path, tmp_path: Path, fmt: str,
+                                                                   dynamo: bool) -> None:
     module, raw = load_checkpoint(ckpt)
     module.temperature = 3.0
     prep = resolve_preprocessing(module, raw, ckpt)
-    result = export_module(module, prep, tmp_path, fmt)
+    result = export_module(module, prep, tmp_path, fmt, dynamo)
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = module(x)
