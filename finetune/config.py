@@ -184,6 +184,8 @@ class Config:
         evaluate: val/test metrics of the last epoch's weights (checkpoints/last.ckpt), or of the best
             val/acc epoch (checkpoints/best.ckpt). last: the cosine schedule ends converged, while on a
             small val set (180 digits) "best" is often an early epoch tied by chance.
+        calibrate: fit temperature scaling (Guo et al. 2017) on the val split at the end of the run and store
+            it in the checkpoints, so predict and evaluate give calibrated probabilities (docs/calibration.md).
         resume: a run directory to continue from its checkpoints/last.ckpt, with that run's own config.
         overwrite: run in a directory that already holds a run, removing that run's files first.
     """
@@ -204,6 +206,7 @@ class Config:
     cache_features: Any = "auto"
     compile: Any = False
     evaluate: str = "last"
+    calibrate: bool = True
     resume: Optional[str] = None
     overwrite: bool = False
 

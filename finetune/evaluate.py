@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -31,13 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from finetune.builders import build_datamodule
+from finetune.cam import write_cams
 from finetune.checkpoints import Preprocessing, class_names, load_checkpoint, resolve_preprocessing, run_dir_of
 from finetune.command import CommandConfig, command_hydra, check_positive, hold_errors, run_app
 from finetune.config import CONF_DIR, compose
 from finetune.data import ImageDataset
 from finetune.errors import FineTuneError
+from finetune.calibration import calibration_metrics, format_calibration, write_reliability_png
 from finetune.inference import probabilities
 from finetune.metrics import format_report, metrics_of, percent, write_confusion_png
+from finetune.tta import check_tta, check_tta_allowed, format_tta, tta_transform, view_summary
 
 if TYPE_CHECKING:
     from finetune.data import Split
@@ -58,6 +62,10 @@ class EvaluateConfig(CommandConfig):
             else the working directory).
         batch_size: images per forward pass.
         image_size: override the run's input size (None: ``data.image_size=`` if given, else the run's).
+        tta: test-time augmentation, ``none``, ``hflip`` or ``five_crop`` (:mod:`finetune.tta`): the
+            metrics are the augmented pass's; ``evaluation.json``'s ``tta`` block has both passes and times.
+        cam: write Grad-CAM overlays of the misclassified images and a contact sheet into ``cam/`` (:mod:`finetune.cam`).
+        cam_per_class: correct images drawn per class beside the mistakes.
     """
 
     ckpt: str = ""
@@ -65,6 +73,9 @@ class EvaluateConfig(CommandConfig):
     out_dir: Optional[str] = None
     batch_size: int = 64
     image_size: Optional[int] = None
+    tta: str = "none"
+    cam: bool = False
+    cam_per_class: int = 2
     hydra: Any = field(default_factory=lambda: command_hydra("evaluate"))  # --help: finetune.help
 
 
@@ -138,17 +149,36 @@ def _short(names: Sequence[str], limit: int = 8) -> str:
 
 
 def split_probabilities(
-    module: Any, split: Split, prep: Preprocessing, batch_size: int = 64, num_workers: int = 0
+    module: Any, split: Split, prep: Preprocessing, batch_size: int = 64, num_workers: int = 0, tta: str = "none",
+    temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities of ``split``'s images in its order, and its labels (as the loader gave them)."""
-    loader = DataLoader(ImageDataset(split, prep.transform()), batch_size=batch_size, num_workers=num_workers)
-    probs, labels = probabilities(module, loader)
+    """Class probabilities of ``split``'s images in its order, and its labels (as the loader gave them).
+
+    ``tta``: :mod:`finetune.tta`'s views, averaged; ``temperature``: None for the checkpoint's, 1.0 uncalibrated.
+    """
+    dataset = ImageDataset(split, tta_transform(prep, tta))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    probs, labels = probabilities(module, loader, temperature)
     return probs, labels if labels is not None else torch.zeros(0, dtype=torch.long)
+
+
+def _passes(module: Any, split: Split, prep: Preprocessing, cfg: EvaluateConfig, num_workers: int) -> tuple[
+        dict[str, tuple[torch.Tensor, float]], torch.Tensor, torch.Tensor]:
+    """Timed passes (plain, and ``cfg.tta``'s), the labels, and the plain pass's uncalibrated probabilities."""
+    args = (module, split, prep, cfg.batch_size, num_workers)
+    uncalibrated = split_probabilities(*args, temperature=1.0)[0] if module.temperature != 1.0 else None
+    runs: dict[str, tuple[torch.Tensor, float]] = {}
+    for mode in dict.fromkeys(("none", cfg.tta)):
+        start = time.perf_counter()
+        probs, labels = split_probabilities(*args, tta=mode)
+        runs[mode] = (probs, time.perf_counter() - start)
+    return runs, labels, runs["none"][0] if uncalibrated is None else uncalibrated
 
 
 def evaluate(cfg: EvaluateConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The command: ``cfg`` its own arguments, ``overrides`` the training config's. Returns ``evaluation.json``."""
     check_positive(cfg, "batch_size", "image_size")
+    check_tta(cfg.tta)
     module, raw = load_checkpoint(cfg.ckpt)
     data_cfg = compose_for(cfg.ckpt, overrides, module)
     dm = build_datamodule(data_cfg)
@@ -161,8 +191,13 @@ def evaluate(cfg: EvaluateConfig, overrides: Sequence[str] = ()) -> dict[str, An
     # An explicit data.image_size wins over the run's, as image_size= does.
     given = data_cfg.data.get("image_size") if _overridden(overrides, "data.image_size") else None
     prep = resolve_preprocessing(module, raw, cfg.ckpt, cfg.image_size or given)
-    probs, labels = split_probabilities(module, dm.data.splits[split], prep, cfg.batch_size, dm.num_workers)
-    m = metrics_of(probs, labels, names)
+    check_tta_allowed(cfg.tta, raw, cfg.ckpt, prep)
+    runs, labels, uncalibrated = _passes(module, dm.data.splits[split], prep, cfg, dm.num_workers)
+    m = metrics_of(runs[cfg.tta][0], labels, names)
+    calibrated, temperature = runs["none"][0], module.temperature
+    calibration = {"temperature": temperature, "before": calibration_metrics(uncalibrated, labels),
+                   "after": calibration_metrics(calibrated, labels)}
+    tta = {"mode": cfg.tta, **{mode: view_summary(p, labels, s) for mode, (p, s) in runs.items()}}
 
     run_dir = run_dir_of(cfg.ckpt)
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else (run_dir or Path.cwd())
@@ -173,23 +208,34 @@ def evaluate(cfg: EvaluateConfig, overrides: Sequence[str] = ()) -> dict[str, An
         "split": split,
         "preprocessing": prep.to_dict(),
         **m,
+        "calibration": calibration,
+        "tta": tta,
         "class_names": names,
     }
+    if cfg.cam:  # on the plain pass: the overlays show the crops it scored
+        result["cam"] = write_cams(module, dm.data.splits[split], prep, calibrated, labels, names, out_dir / "cam",
+                                   cfg.cam_per_class)
+        print(f"wrote Grad-CAM overlays of {result['cam']['misclassified']} misclassified and "
+              f"{result['cam']['correct']} correct images to {out_dir / 'cam'}")
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     png = out_dir / "confusion_matrix.png"
     title = f"{dm.data.name} {split}: top-1 {percent(m['top1'])}"
     write_confusion_png(np.asarray(m["confusion_matrix"]), names, png, title)
     print(prep.describe())
+    panels = {"uncalibrated": (uncalibrated, labels), f"temperature {temperature:.3g}": (calibrated, labels)}
+    write_reliability_png(panels, out_dir / "reliability.png", f"{dm.data.name} {split}: reliability (plain pass)")
     print(format_report(m, split))
+    print(format_calibration(temperature, calibration["before"], calibration["after"]))
+    print(format_tta(tta))
     for note in dm.data.notes:
         print(f"note: {note}")
-    print(f"wrote {out_dir / 'evaluation.json'} and {png}")
+    print(f"wrote {out_dir / 'evaluation.json'}, {png} and {out_dir / 'reliability.png'}")
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.evaluate ckpt=PATH [data=folder data.root=DIR ...] [split=test|val|train]
-    [out_dir=DIR] [batch_size=64] [image_size=N]``."""
+    [out_dir=DIR] [batch_size=64] [image_size=N] [tta=none|hflip|five_crop]``."""
     own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     from finetune.config import register_configs
 

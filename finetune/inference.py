@@ -75,18 +75,31 @@ def _quiet() -> Iterator[None]:
             log.setLevel(level)
 
 
-def probabilities(module: pl.LightningModule, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor | None]:
+def probabilities(
+    module: pl.LightningModule, loader: DataLoader, temperature: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class probabilities ``(N, C)`` of ``loader``'s batches, in its order, through ``module.predict_step``.
+
+    Batches of views ``(B, V, C, H, W)`` (:mod:`finetune.tta`) give each image's average over its views.
+
+    Args:
+        temperature: None: the module's own (calibrated); 1.0: the uncalibrated softmax.
 
     Returns:
         The probabilities, and the batches' second elements concatenated (labels for ``(x, y)``
         batches, item indices for :class:`ImageFiles`), or None for batches of images alone.
     """
     collect = _Collect()
-    with _quiet():
-        trainer = predict_trainer()
-        trainer.callbacks.append(collect)
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    own = getattr(module, "temperature", 1.0)
+    if temperature is not None:
+        module.temperature = temperature
+    try:
+        with _quiet():
+            trainer = predict_trainer()
+            trainer.callbacks.append(collect)
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+    finally:
+        module.temperature = own
     num_classes = int(module.hparams.num_classes)
     probs = torch.cat(collect.probs) if collect.probs else torch.empty(0, num_classes)
     tags = torch.cat(collect.tags) if collect.tags else None

@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import create_backbone
+from finetune.calibration import check_temperature
 from finetune.callbacks import FreezeSchedule
 from finetune.config import BackboneConfig, LossConfig, OptimConfig
 from finetune.errors import FineTuneError
@@ -184,6 +185,8 @@ class FineTuneModule(pl.LightningModule):
         self.compile_kwargs = _compile_kwargs(compile)
         if self.compile_kwargs is not None:
             self.backbone.compile(**self.compile_kwargs)
+        # predict_step divides logits by it; fitted by finetune.callbacks.CalibrateTemperature, 1.0: not calibrated.
+        self.temperature = 1.0
 
         self.criterion = nn.CrossEntropyLoss(
             weight=_class_weight_tensor(class_weights, num_classes), label_smoothing=label_smoothing
@@ -284,8 +287,19 @@ class FineTuneModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Calibrated probabilities; views ``(B, V, C, H, W)`` (:mod:`finetune.tta`) are averaged per image."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).softmax(-1)
+        if x.ndim == 5:
+            b, v = x.shape[:2]
+            return (self(x.flatten(0, 1)) / self.temperature).softmax(-1).unflatten(0, (b, v)).mean(1)
+        return (self(x) / self.temperature).softmax(-1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["temperature"] = float(self.temperature)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint from before calibration existed is uncalibrated: 1.0.
+        self.temperature = check_temperature(checkpoint.get("temperature", 1.0), "the checkpoint's temperature")
 
     # -- optimization ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
