@@ -167,3 +167,13 @@ def test_calibrate_takes_a_bool_only(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.startswith("error: calibrate: ") and "'maybe'" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_without_val_images_is_refused_before_training(tmp_path: Path) -> None:
+    from finetune.config import compose
+    from finetune.train import train
+
+    root = _images(tmp_path / "images") / "train"  # no split folders: val comes from val_fraction, here none
+    with pytest.raises(FineTuneError, match="calibrate=true needs val images.*calibrate=false"):
+        train(compose([*TINY, "trainer.max_epochs=1", f"data.root={root}", "data.val_fraction=0"]), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -167,3 +167,12 @@ def test_an_unknown_tta_is_a_one_line_error(tmp_path: Path, capsys, monkeypatch,
             ["ckpt=missing.ckpt", "tta=foo", *(["images=x.png"] if command == "predict" else [])])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: tta must be one of none, hflip, five_crop, got 'foo'\n"
+
+
+def test_hflip_is_refused_where_the_checkpoint_cannot_say_how_its_run_flipped(tmp_path: Path) -> None:
+    prep = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.9, interpolation="bilinear",
+                         source="test")
+    alone = tmp_path / "copied.ckpt"  # no RUN/checkpoints/ around it, no config.yaml
+    with pytest.raises(FineTuneError, match="tta=hflip: cannot tell whether mirrored images keep their class"):
+        check_tta_allowed("hflip", {"hyper_parameters": {"data_config": {"image_size": 32}}}, alone, prep)
+    check_tta_allowed("hflip", {"hyper_parameters": {"data_config": {"hflip": 0.5}}}, alone, prep)  # it says
