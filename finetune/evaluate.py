@@ -33,7 +33,9 @@ from torch.utils.data import DataLoader
 
 from finetune.builders import build_datamodule
 from finetune.cam import write_cams
-from finetune.checkpoints import Preprocessing, class_names, load_checkpoint, resolve_preprocessing, run_dir_of
+from finetune.checkpoints import (
+    Preprocessing, class_names, load_checkpoint, output_dir_of, resolve_preprocessing, run_dir_of,
+)
 from finetune.command import CommandConfig, command_hydra, check_positive, hold_errors, run_app
 from finetune.config import CONF_DIR, compose
 from finetune.data import ImageDataset
@@ -199,8 +201,7 @@ def evaluate(cfg: EvaluateConfig, overrides: Sequence[str] = ()) -> dict[str, An
                    "after": calibration_metrics(calibrated, labels)}
     tta = {"mode": cfg.tta, **{mode: view_summary(p, labels, s) for mode, (p, s) in runs.items()}}
 
-    run_dir = run_dir_of(cfg.ckpt)
-    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else (run_dir or Path.cwd())
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else output_dir_of(cfg.ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "checkpoint": str(Path(cfg.ckpt).expanduser().resolve()),
