@@ -77,7 +77,7 @@ def _checkpoint_files(trainer: pl.Trainer) -> list[Path]:
 
 
 def _same_weights(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> bool:
-    return saved.keys() == current.keys() and all(torch.equal(saved[k], v.detach().cpu()) for k, v in current.items())
+    return saved.keys() == current.keys() and all(torch.equal(saved[k], v) for k, v in current.items())
 
 
 class CalibrateTemperature(Callback):
@@ -128,7 +128,7 @@ class CalibrateTemperature(Callback):
     def _write_checkpoints(self, trainer: pl.Trainer, module: pl.LightningModule, t: float) -> dict[str, float]:
         """Each checkpoint file with its own weights' temperature (``t`` where they are the final weights)."""
         written: dict[str, float] = {}
-        final = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        final = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}  # a CPU copy
         try:
             for path in _checkpoint_files(trainer):
                 raw = safe_load(path, "checkpoint", mmap=False)  # read whole: the file is replaced below
