@@ -42,17 +42,18 @@ def test_the_model_summary_and_the_progress_bar_are_settings() -> None:
     assert compose(["trainer.enable_model_summary=true"]).trainer.enable_model_summary is True
 
 
-@pytest.mark.parametrize("progress, tty, expected", [(True, False, "line"), (True, True, "tqdm"), (False, False, None)])
+@pytest.mark.parametrize("progress, tty, expected", [(True, False, "line"), (True, True, "bar"), (False, False, None)])
 def test_build_trainer_picks_the_progress_display(tmp_path: Path, monkeypatch, progress: bool, tty: bool,
                                                   expected: str | None) -> None:
-    from pytorch_lightning.callbacks import TQDMProgressBar
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
     from finetune.builders import build_trainer
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: tty, raising=False)
     trainer = build_trainer(compose([f"trainer.enable_progress_bar={progress}"]), tmp_path)
     bar = trainer.progress_bar_callback
-    kind = "line" if isinstance(bar, EpochLine) else "tqdm" if isinstance(bar, TQDMProgressBar) else None
+    # On a terminal Lightning's own bar: tqdm's, or rich's where `rich` is installed (Lightning's choice).
+    kind = "line" if isinstance(bar, EpochLine) else "bar" if isinstance(bar, (TQDMProgressBar, RichProgressBar)) else None
     assert kind == expected
 
 
