@@ -16,6 +16,7 @@ rule: a module whose name is, or ends with ``.`` plus, one of them.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import ClassVar, List, Optional
@@ -82,6 +83,9 @@ class LoRA(ParamSubset):
     name: str = "lora"
     kind: ClassVar[str] = "LoRA adapters"
     shown: ClassVar[tuple[str, ...]] = ("r",)
+    # In +recipe=compare where the optional peft is installed (pip install 'finetune[lora]'): without it
+    # the sweep would carry a run that can only fail. The README and docs say so.
+    compared: ClassVar[bool] = importlib.util.find_spec("peft") is not None
     r: int = 8
     lora_alpha: int = 8
     lora_dropout: float = 0.0
