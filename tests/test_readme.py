@@ -47,7 +47,7 @@ def readme_commands(text: str | None = None) -> list[str]:
 
 
 def _tiny(args: list[str]) -> list[str]:
-    """A training example's arguments with the tiny settings added (the example's own values kept)."""
+    """A training example's arguments with the tiny settings added (its own values kept, its epochs cut to one)."""
     if "--help" in args or "--cfg" in args:
         return args
     args = [a for a in args if not a.startswith("trainer.max_epochs=")]  # an example's 20 epochs: one
