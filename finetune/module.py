@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -22,6 +22,7 @@ from finetune.errors import FineTuneError
 from finetune.freezing import FreezePlan, set_frozen_norms_eval
 from finetune.heads import build_head, head_config
 from finetune.l2sp import L2SP
+from finetune.module_args import class_weight_tensor, compile_kwargs, instantiate_leaf, plain
 from finetune.optim import param_groups
 from finetune.strategies import FreezeStrategy, get_strategy
 
@@ -34,60 +35,6 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 # so looking up pretrained weights again would be wasted time, or fail on a machine
 # that lacks the original weights file.
 _RESTORING = contextvars.ContextVar("finetune_restoring", default=False)
-
-
-def _plain(value: Any) -> Any:
-    """Hyperparameters as plain Python data, so checkpoints load with weights_only."""
-    if isinstance(value, DictConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, FreezeStrategy):
-        return value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _instantiate(cfg: Mapping[str, Any], what: str) -> Any:
-    """``hydra.utils.instantiate`` with the error's first line as a FineTuneError (a bad _target_ is user input)."""
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(dict(cfg), _convert_="all")
-    except Exception as e:  # noqa: BLE001 - hydra wraps the real error
-        cause = e.__cause__ or e
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise FineTuneError(f"{what}: {first}") from None
-
-
-def _class_weight_tensor(class_weights: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
-    if class_weights is None:
-        return None
-    if isinstance(class_weights, str):
-        raise FineTuneError(
-            f"class_weights '{class_weights}' needs the training data; pass one float per class "
-            "(the config's loss.class_weights=balanced is computed in finetune.builders.build_module)"
-        )
-    weights = [float(w) for w in class_weights]
-    if len(weights) != num_classes:
-        raise FineTuneError(f"class_weights has {len(weights)} value(s) for {num_classes} classes")
-    if not all(math.isfinite(w) and w > 0 for w in weights):
-        raise FineTuneError(f"class_weights must all be positive and finite, got {weights}")
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def _compile_kwargs(value: bool | str | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """``compile`` as ``torch.compile`` keyword arguments, or None for no compilation."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if isinstance(value, str) and value:
-        return {"backend": value}  # timm's --torchcompile BACKEND
-    if isinstance(value, Mapping):
-        return dict(_plain(value))
-    raise FineTuneError(
-        f"compile must be false, true, a backend name or a mapping of torch.compile arguments, got '{value}'"
-    )
 
 
 class FineTuneModule(pl.LightningModule):
@@ -151,13 +98,13 @@ class FineTuneModule(pl.LightningModule):
         compile: bool | str | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
-        strategy = get_strategy(_plain(freeze))
+        strategy = get_strategy(plain(freeze))
         self.save_hyperparameters(ignore=["compile"])
         self.hparams["freeze"] = strategy.to_dict()
-        self.hparams["head"] = head_config(_plain(head))
+        self.hparams["head"] = head_config(plain(head))
         defaults = OptimConfig()
-        self.hparams["optimizer"] = _plain(optimizer) if optimizer is not None else _plain(defaults.optimizer)
-        self.hparams["scheduler"] = _plain(scheduler if scheduler is not None else OmegaConf.structured(defaults.scheduler))
+        self.hparams["optimizer"] = plain(optimizer) if optimizer is not None else plain(defaults.optimizer)
+        self.hparams["scheduler"] = plain(scheduler if scheduler is not None else OmegaConf.structured(defaults.scheduler))
         if class_names is not None:
             self.hparams["class_names"] = list(class_names)
         if weights is not None:
@@ -182,14 +129,14 @@ class FineTuneModule(pl.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        self.compile_kwargs = _compile_kwargs(compile)
+        self.compile_kwargs = compile_kwargs(compile)
         if self.compile_kwargs is not None:
             self.backbone.compile(**self.compile_kwargs)
         # predict_step divides logits by it; fitted by finetune.callbacks.CalibrateTemperature, 1.0: not calibrated.
         self.temperature = 1.0
 
         self.criterion = nn.CrossEntropyLoss(
-            weight=_class_weight_tensor(class_weights, num_classes), label_smoothing=label_smoothing
+            weight=class_weight_tensor(class_weights, num_classes), label_smoothing=label_smoothing
         )
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -308,13 +255,13 @@ class FineTuneModule(pl.LightningModule):
             self.backbone, self.head, self.freeze_plan, hp.lr, hp.backbone_lr_mult, hp.weight_decay, hp.layer_decay,
             backbone_weight_decay=0.0 if hp.l2sp else None,  # L2-SP replaces it on the backbone
         )
-        optimizer = _instantiate(hp.optimizer, "optim.optimizer")(groups, lr=hp.lr)
+        optimizer = instantiate_leaf(hp.optimizer, "optim.optimizer")(groups, lr=hp.lr)
         total = self.trainer.estimated_stepping_batches
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         if not math.isfinite(total) or epochs is None:
             raise FineTuneError("the LR schedule needs a finite trainer.max_epochs")
         steps_per_epoch = max(1, int(round(total / epochs)))
-        scheduler = _instantiate(hp.scheduler, "optim.scheduler")(
+        scheduler = instantiate_leaf(hp.scheduler, "optim.scheduler")(
             optimizer, total_steps=int(total), steps_per_epoch=steps_per_epoch
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
