@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -61,3 +62,34 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> "subprocess.Com
         timeout=timeout,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+@pytest.fixture
+def cli(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., "subprocess.CompletedProcess[str]"]:
+    """``run_cli`` in this process: the same ``main()``, argv, cwd, exit code and output, without a new interpreter.
+
+    A fresh ``python -m finetune`` spends ~10 s importing torch, Lightning and timm before it reads an
+    argument; the error-path tests check what ``main()`` does with the argv, which needs none of that.
+    The subprocess tests that remain (a crash, a kill, two runs at once, the installed console
+    script) are the ones about the process itself.
+    """
+    import importlib
+    import subprocess
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    def run(args: list[str], cwd: Path, module: str = "finetune.cli") -> "subprocess.CompletedProcess[str]":
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [module, *args])
+        capfd.readouterr()
+        code: int = 0
+        try:
+            importlib.import_module(module).main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            GlobalHydra.instance().clear()
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([module, *args], code, out, err)
+
+    return run

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,6 @@ from finetune.config import compose
 from finetune.errors import FineTuneError
 from finetune.train import train
 
-from conftest import run_cli
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 QUICK = ["advise.sample_size=64"]
@@ -71,20 +68,18 @@ def test_recipe_overrides_replace_only_the_recipe() -> None:
         "data=photos", "trainer.max_epochs=3", "+recipe=small_similar"]
 
 
-def test_advise_command_prints_json(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "finetune.advise", *QUICK], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=300)
+def test_advise_command_prints_json(tmp_path: Path, cli) -> None:
+    r = cli(QUICK, tmp_path, module="finetune.advise")
     assert r.returncode == 0, r.stderr[-2000:]
     a = json.loads(r.stdout)
     assert {"recipe", "size", "similarity", "reason", "measurements", "thresholds"} <= set(a)
-    bad = subprocess.run([sys.executable, "-m", "finetune.advise", "data=folder", f"data.root={tmp_path}/nope"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    bad = cli(["data=folder", f"data.root={tmp_path}/nope"], tmp_path, module="finetune.advise")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: data root")
 
 
-def test_auto_recipe_measures_then_trains_with_the_chosen_recipe(tmp_path: Path) -> None:
+def test_auto_recipe_measures_then_trains_with_the_chosen_recipe(tmp_path: Path, cli) -> None:
     out = tmp_path / "run"
-    r = run_cli(["+recipe=auto", "backbone.name=test_resnet", "backbone.pretrained=false", "data.image_size=32",
+    r = cli(["+recipe=auto", "backbone.name=test_resnet", "backbone.pretrained=false", "data.image_size=32",
                  "trainer.max_epochs=1", "trainer.enable_progress_bar=false", *QUICK, f"hydra.run.dir={out}"],
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

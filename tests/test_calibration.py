@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, write_image
+from conftest import write_image
 from finetune.calibration import calibration_metrics, fit_temperature
 from finetune.errors import FineTuneError
 
@@ -162,8 +162,8 @@ def test_calibrate_false_leaves_checkpoints_uncalibrated(tmp_path: Path) -> None
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["temperature"] == 1.0
 
 
-def test_calibrate_takes_a_bool_only(tmp_path: Path) -> None:
-    r = run_cli(["calibrate=maybe"], cwd=tmp_path, timeout=120)
+def test_calibrate_takes_a_bool_only(tmp_path: Path, cli) -> None:
+    r = cli(["calibrate=maybe"], cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.startswith("error: calibrate: ") and "'maybe'" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "outputs").exists()

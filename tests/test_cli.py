@@ -81,8 +81,8 @@ def test_cli_run_on_a_folder_leaves_a_complete_run_dir(tmp_path: Path, make_fold
         (["optim.optimizer._target_=torch.optim.Nope"], "error: optim.optimizer: "),
     ],
 )
-def test_bad_input_gives_one_line_error(tmp_path: Path, args: list[str], message: str) -> None:
-    r = run_cli([*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+def test_bad_input_gives_one_line_error(tmp_path: Path, cli, args: list[str], message: str) -> None:
+    r = cli([*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith(message), r.stderr[-2000:]
@@ -95,10 +95,10 @@ def test_one_class_folder_is_refused(tmp_path: Path, make_folder) -> None:
     assert r.returncode == 2 and "need at least 2" in r.stderr.strip().splitlines()[-1]
 
 
-def test_unreadable_weights_file_via_cli(tmp_path: Path) -> None:
+def test_unreadable_weights_file_via_cli(tmp_path: Path, cli) -> None:
     bad = tmp_path / "w.pth"
     bad.write_bytes(b"garbage")
-    r = run_cli([*TINY, "backbone.pretrained=true", f"backbone.weights={bad}", f"hydra.run.dir={tmp_path / 'run'}"],
+    r = cli([*TINY, "backbone.pretrained=true", f"backbone.weights={bad}", f"hydra.run.dir={tmp_path / 'run'}"],
                 cwd=tmp_path)
     assert r.returncode == 2 and "cannot read weights file" in r.stderr.strip().splitlines()[-1]
 
@@ -112,8 +112,8 @@ def test_unreadable_weights_file_via_cli(tmp_path: Path) -> None:
         (["freeze.n=1"], "Key 'n' not in 'NoFreeze'"),  # freeze=none has no n
     ],
 )
-def test_hydra_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    r = run_cli([*args, "--cfg", "job"], cwd=tmp_path)
+def test_hydra_errors_are_one_line_with_exit_2(tmp_path: Path, cli, args: list[str], message: str) -> None:
+    r = cli([*args, "--cfg", "job"], cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
 

@@ -125,15 +125,15 @@ def test_two_runs_started_together_get_their_own_directories(tmp_path: Path) -> 
     assert len(runs) == 2 and all(json.loads((r / "metrics.json").read_text())["status"] == "ok" for r in runs)
 
 
-def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path: Path) -> None:
+def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path: Path, cli) -> None:
     run = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=1", "+trainer.limit_train_batches=2", f"hydra.run.dir={run}"]
-    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert cli(args, cwd=tmp_path).returncode == 0
     before = (run / "metrics.json").read_text()
-    r = run_cli(args, cwd=tmp_path)
+    r = cli(args, cwd=tmp_path)
     assert r.returncode == 2 and "already holds a run" in r.stderr and "overwrite=true" in r.stderr
     assert (run / "metrics.json").read_text() == before  # untouched
-    r = run_cli([*args, "overwrite=true"], cwd=tmp_path)
+    r = cli([*args, "overwrite=true"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no last-v1.ckpt
 
@@ -152,10 +152,10 @@ def test_unknown_keys_are_refused_before_anything_runs(args: list[str], message:
     assert str(e.value) == message
 
 
-def test_unknown_keys_and_bad_resumes_are_one_line_errors_on_the_command_line(tmp_path: Path) -> None:
-    r = run_cli([*TINY, "+ckpt_path=x.ckpt"], cwd=tmp_path)
+def test_unknown_keys_and_bad_resumes_are_one_line_errors_on_the_command_line(tmp_path: Path, cli) -> None:
+    r = cli([*TINY, "+ckpt_path=x.ckpt"], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: unknown config key(s) ckpt_path: nothing reads them; to continue a run use resume=RUN_DIR"), r.stderr
-    r = run_cli(["resume=/no/such/run"], cwd=tmp_path)
+    r = cli(["resume=/no/such/run"], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "error: resume: run directory '/no/such/run' does not exist"
     assert not Path("/no/such/run").exists()  # checked before Hydra creates its run directory

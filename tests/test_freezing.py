@@ -17,7 +17,6 @@ from finetune.errors import FineTuneError
 from finetune.stage_groups import backbone_stages
 from finetune.train import train
 
-from conftest import run_cli
 
 FAMILIES = ("test_efficientnet", "test_vit")  # one with BatchNorm, one ViT
 
@@ -240,16 +239,11 @@ def test_a_new_strategy_is_one_class_and_its_registration() -> None:
         STRATEGIES.pop("odd_stages")
 
 
-def test_stages_command(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+def test_stages_command(tmp_path: Path, cli) -> None:
     # freeze.n applies to every strategy that has n, whatever freeze= is (the default none has none).
-    r = subprocess.run([sys.executable, "-m", "finetune.stages", "backbone.name=test_efficientnet", "freeze.n=1"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = cli(["backbone.name=test_efficientnet", "freeze.n=1"], tmp_path, module="finetune.stages")
     assert r.returncode == 0, r.stderr
     assert "stem" in r.stdout and "top_stages n=1" in r.stdout and "bottom_stages n=1" in r.stdout
     assert "from epoch 1" in r.stdout and "RuntimeWarning" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "finetune.stages", "backbone.name=test_efficientnet", "freeze.n=two"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = cli(["backbone.name=test_efficientnet", "freeze.n=two"], tmp_path, module="finetune.stages")
     assert r.returncode == 2 and r.stderr.strip() == "error: n: expected an int, got 'two'", r.stderr

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli, write_image
+from conftest import write_image
 from finetune.data.scan import check_split_images, scan_images
 from finetune.data.sources import folder
 
@@ -206,15 +206,12 @@ def test_predict_and_evaluate_give_the_same_probabilities_as_the_model_in_eval_m
 
 
 # -- evaluate ------------------------------------------------------------------------------
-def test_evaluate_cli_agrees_with_predict_and_with_training(trained, tmp_path: Path) -> None:
+def test_evaluate_cli_agrees_with_predict_and_with_training(trained, tmp_path: Path, cli) -> None:
     root, ckpt = trained
     cwd = _empty_dir(tmp_path / "cwd")
     out_dir = tmp_path / "eval"
-    r = _cli(
-        "finetune.evaluate",
-        [f"ckpt={ckpt}", "data=folder", f"data.root={root}", "data.num_workers=0", f"out_dir={out_dir}"],
-        cwd,
-    )
+    r = cli([f"ckpt={ckpt}", "data=folder", f"data.root={root}", "data.num_workers=0", f"out_dir={out_dir}"],
+            cwd, module="finetune.evaluate")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     assert list(cwd.iterdir()) == []
@@ -227,7 +224,7 @@ def test_evaluate_cli_agrees_with_predict_and_with_training(trained, tmp_path: P
 
     # top-1 is the share of predict's top-1 classes that name the image's folder...
     csv_out = tmp_path / "p.csv"
-    p = _cli("finetune.predict", [f"ckpt={ckpt}", f"images={root / 'test'}", f"out={csv_out}"], cwd)
+    p = cli([f"ckpt={ckpt}", f"images={root / 'test'}", f"out={csv_out}"], cwd, module="finetune.predict")
     assert p.returncode == 0, p.stderr
     rows = list(csv.DictReader(csv_out.open()))
     hits = [row["top1_class"] == Path(row["path"]).parent.name for row in rows]
@@ -355,7 +352,7 @@ def test_training_predicting_and_evaluating_leave_the_data_folder_untouched(
     assert list(work.iterdir()) == []
 
 
-def test_a_corrupt_image_in_the_data_stops_the_run_or_is_skipped_and_listed(tmp_path: Path, make_folder) -> None:
+def test_a_corrupt_image_in_the_data_stops_the_run_or_is_skipped_and_listed(tmp_path: Path, make_folder, cli) -> None:
     root = make_folder(classes=2, per_class=6)
     bad = root / "class_0" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)  # a PNG signature and nothing after it
@@ -363,10 +360,10 @@ def test_a_corrupt_image_in_the_data_stops_the_run_or_is_skipped_and_listed(tmp_
     args = ["data=folder", f"data.root={root}", "data.image_size=32", "data.num_workers=0",
             "backbone.name=test_resnet", "backbone.pretrained=false", "trainer.max_epochs=1",
             "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"]
-    r = run_cli(args, cwd=tmp_path)
+    r = cli(args, cwd=tmp_path)
     assert r.returncode == 2 and "broken.png" in r.stderr.strip().splitlines()[-1]
     assert not (out / "metrics.json").exists()  # stopped before training
-    r = run_cli([*args, "data.on_bad_image=skip"], cwd=tmp_path)
+    r = cli([*args, "data.on_bad_image=skip"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "broken.png" in (out / "bad_images.txt").read_text()
     assert "skipped 1" in r.stdout
