@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint_io import AtomicCheckpointIO
 from finetune.data import ImageDataModule
+from finetune.data.augment import mixing_options
 from finetune.errors import FineTuneError
 from finetune.features import FeatureDataModule, PrecomputedFeatures, resolve_cache_features
 from finetune.module import FineTuneModule
@@ -110,6 +111,7 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> FineTuneModule:
         scheduler=_plain(o.scheduler),
         label_smoothing=cfg.loss.label_smoothing,
         class_weights=_class_weights(_plain(cfg.loss.class_weights), dm),
+        mixup=mixing_options(dm.augment),  # augment.mixup/cutmix: mixed in the training step (finetune.loss)
         class_names=dm.classes,
         channels_last=b.channels_last,
         compile=_plain(cfg.compile),

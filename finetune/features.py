@@ -39,6 +39,8 @@ def cache_features_reason(module: FineTuneModule, images: ImageDataModule) -> st
     """Why features cannot be cached for this module and data; None when they can."""
     if not module.freeze_plan.backbone_frozen_throughout:
         return f"the backbone trains (freeze={module.strategy.name}); caching needs freeze=head_only"
+    if module.train_loss.mixing:
+        return "training batches are mixed (augment.mixup/cutmix mix images, not features); caching needs them off"
     if not images.train_is_deterministic:
         return f"train images are augmented (augment={images.augment.name}); caching needs augment=none"
     return None

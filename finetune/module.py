@@ -22,7 +22,8 @@ from finetune.errors import FineTuneError
 from finetune.freezing import FreezePlan, set_frozen_norms_eval
 from finetune.heads import build_head, head_config
 from finetune.l2sp import L2SP
-from finetune.module_args import class_weight_tensor, compile_kwargs, instantiate_leaf, plain
+from finetune.loss import TrainingLoss, build_criterion
+from finetune.module_args import compile_kwargs, instantiate_leaf, plain
 from finetune.optim import param_groups
 from finetune.strategies import FreezeStrategy, get_strategy
 
@@ -64,6 +65,8 @@ class FineTuneModule(pl.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         class_weights: one cross-entropy weight per class (PyTorch's ``weight``), or None for
             equal weights; ``finetune.builders.build_module`` turns ``balanced`` into a list.
+        mixup: Mixup/CutMix of training batches (:mod:`finetune.loss`), a mapping of the mixing
+            fields of :class:`~finetune.data.augment.AugmentConfig` (``{"mixup": 0.2}``); None: off.
         channels_last: keep weights and inputs in channels-last memory format (timm's
             ``--channels-last``): faster convolutions on recent CPUs and GPUs.
         class_names: names of the classes, saved with the checkpoint.
@@ -93,6 +96,7 @@ class FineTuneModule(pl.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         label_smoothing: float = LossConfig.label_smoothing,
         class_weights: Sequence[float] | None = LossConfig.class_weights,
+        mixup: Mapping[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
         channels_last: bool = BackboneConfig.channels_last,
         compile: bool | str | Mapping[str, Any] = False,
@@ -135,9 +139,9 @@ class FineTuneModule(pl.LightningModule):
         # predict_step divides logits by it; fitted by finetune.callbacks.CalibrateTemperature, 1.0: not calibrated.
         self.temperature = 1.0
 
-        self.criterion = nn.CrossEntropyLoss(
-            weight=class_weight_tensor(class_weights, num_classes), label_smoothing=label_smoothing
-        )
+        self.criterion = build_criterion(num_classes, label_smoothing, class_weights)  # val/test: always hard labels
+        self.train_loss = TrainingLoss(self.criterion, num_classes, plain(mixup))
+        self.hparams["mixup"] = self.train_loss.options
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -207,9 +211,10 @@ class FineTuneModule(pl.LightningModule):
 
     # -- steps -------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, target = self.train_loss.mix(*batch)
+        y = self.train_loss.labels(target)  # with mixing: the mixed target's dominant label
         logits = self(x)
-        loss = self.criterion(logits, y)
+        loss = self.train_loss(logits, target)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))

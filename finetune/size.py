@@ -11,6 +11,7 @@ from typing import Mapping
 
 from torch import nn
 
+from finetune.data.augment import mixing_options
 from finetune.errors import FineTuneError
 from finetune.freezing import FreezePlan
 from finetune.layer_size import (MULTIPLY, FreezeCost, LayerSize, SizeTable, freeze_cost, size_table, stage_labels,
@@ -88,8 +89,8 @@ def _size(args: list[str]) -> None:
     plan = FreezePlan.build(backbone, strategy)
     table = size_table(model, int(image_size))
     epochs = int(cfg.trainer.max_epochs)
-    # As finetune.features decides it: a backbone frozen throughout, on unaugmented images.
-    cached = (plan.backbone_frozen_throughout and cfg.augment.no_aug
+    # As finetune.features decides it: a backbone frozen throughout, on unaugmented, unmixed images.
+    cached = (plan.backbone_frozen_throughout and cfg.augment.no_aug and mixing_options(cfg.augment) is None
               and str(cfg.cache_features).lower() != "false")
     shown = sorted({0, epochs - 1}) if strategy.is_dynamic else [0]
     costs = {f"freeze={strategy.label()}" + (f" at epoch {e}" if strategy.is_dynamic else "")

@@ -213,6 +213,7 @@ class RunRecorder(Callback):
             **({"size": self.size} if self.size else {}),
             "best_checkpoint": best or None,
             "augment": dm.augment.name,
+            "mixup": model.hparams.get("mixup"),  # Mixup/CutMix options (finetune.loss), None: off
             "cached_features": fit_dm is not dm,
             "precision": str(trainer.precision),
         }

@@ -6,20 +6,24 @@ Override one op from the command line (``augment.ops.affine.p=0.3``) or drop it
 (``~augment.ops.affine``). ``no_aug`` (timm's name, ``create_transform(no_aug=True)``)
 trains on the deterministic eval pipeline instead, which is what lets a frozen backbone's
 features be cached.
+
+Mixup and CutMix (``mixup``, ``cutmix`` and the other fields named after timm's ``train.py`` flags)
+mix whole batches, so they are not albumentations ops: :mod:`finetune.loss` applies them with
+timm's ``Mixup`` in the training step; off by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import albumentations as A
 from omegaconf import OmegaConf
 
 from finetune.errors import FineTuneError
 
-__all__ = ["AUGMENT_PRESETS", "AugmentConfig", "build_ops", "resolve_augment"]
+__all__ = ["AUGMENT_PRESETS", "MIXING_FIELDS", "AugmentConfig", "build_ops", "mixing_options", "resolve_augment"]
 
 
 @dataclass
@@ -29,11 +33,57 @@ class AugmentConfig:
     no_aug: train on the eval pipeline (resize, center crop): the same image every epoch.
     ops: albumentations transforms by op name, applied in order after the crop and flip;
         a null entry is skipped.
+    mixup: Mixup's alpha (timm ``--mixup``; Beta(alpha, alpha) mixing weights); 0: off.
+    cutmix: CutMix's alpha (timm ``--cutmix``); 0: off.
+    cutmix_minmax: CutMix box size as [min, max] fractions of the image (timm ``--cutmix-minmax``);
+        set, it replaces ``cutmix``'s alpha (timm then uses alpha 1).
+    mixup_prob: probability of mixing a batch (or an element, ``mixup_mode=elem``).
+    mixup_switch_prob: with both on, the probability of CutMix instead of Mixup.
+    mixup_mode: ``batch`` (one weight per batch), ``pair`` or ``elem`` (timm's ``--mixup-mode``).
     """
 
     name: str = "light"
     no_aug: bool = False
     ops: Dict[str, Any] = field(default_factory=dict)
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    cutmix_minmax: Optional[List[float]] = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+
+
+MIXING_FIELDS = ("mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob", "mixup_mode")
+
+
+def mixing_options(values: AugmentConfig | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The mixing fields of an :class:`AugmentConfig` (or a mapping of them), checked, as plain values.
+
+    None when neither Mixup nor CutMix is on. A mapping may leave fields out (their defaults apply)
+    and may hold the other fields (a whole ``augment`` node).
+    """
+    if values is None:
+        return None
+    if isinstance(values, AugmentConfig):
+        opts = {k: getattr(values, k) for k in MIXING_FIELDS}
+    else:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(AugmentConfig)})
+        if unknown:
+            raise FineTuneError(f"mixing has no option(s) {', '.join(unknown)}; it takes {', '.join(MIXING_FIELDS)}")
+        opts = {k: values.get(k, getattr(AugmentConfig, k)) for k in MIXING_FIELDS}
+    for k in ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob"):
+        opts[k] = float(opts[k])
+        if not opts[k] >= 0 or (k.endswith("prob") and opts[k] > 1):  # NaN fails too
+            want = "a probability in [0, 1]" if k.endswith("prob") else "an alpha >= 0 (0: off)"
+            raise FineTuneError(f"augment.{k} must be {want}, got {opts[k]}")
+    if opts["mixup_mode"] not in ("batch", "pair", "elem"):
+        raise FineTuneError(f"augment.mixup_mode must be batch, pair or elem, got '{opts['mixup_mode']}'")
+    if opts["cutmix_minmax"] is not None:
+        minmax = opts["cutmix_minmax"] = [float(v) for v in opts["cutmix_minmax"]]
+        if len(minmax) != 2 or not 0 < minmax[0] <= minmax[1] <= 1:
+            raise FineTuneError(f"augment.cutmix_minmax must be [min, max] with 0 < min <= max <= 1, got {minmax}")
+    on = opts["mixup"] > 0 or opts["cutmix"] > 0 or opts["cutmix_minmax"] is not None
+    return opts if on else None
 
 
 AUGMENT_PRESETS: dict[str, AugmentConfig] = {
@@ -87,9 +137,11 @@ def resolve_augment(augment: str | AugmentConfig | Mapping[str, Any] | None) -> 
             raise FineTuneError(f"augment has no option(s) {', '.join(extra)}; it takes {', '.join(sorted(known))}")
         values = {"name": "custom", **values}  # type: ignore[dict-item]
         spec = AugmentConfig(name=str(values["name"]), no_aug=bool(values.get("no_aug", False)),
-                             ops=dict(values.get("ops") or {}))
+                             ops=dict(values.get("ops") or {}),
+                             **{k: values[k] for k in MIXING_FIELDS if k in values})  # type: ignore[arg-type]
     if spec.no_aug and any(op is not None for op in spec.ops.values()):
         raise FineTuneError(f"augment={spec.name} takes no ops (no_aug: it trains on the eval pipeline)")
+    mixing_options(spec)  # bad mixing values fail before anything slow
     return spec
 
 
