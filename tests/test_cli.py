@@ -134,7 +134,7 @@ def test_last_checkpoint_holds_the_last_epoch_even_when_val_acc_peaked_earlier(t
     """Lightning's save_last=True beside a monitor writes last.ckpt only when the monitor improves."""
     import torch
 
-    cfg = compose([*TINY, "trainer.max_epochs=3", "data.image_size=16", "optim.lr=0.03",
+    cfg = compose([*TINY, "trainer.max_epochs=3", "data.image_size=16", "optim.lr=0.03", "+trainer.limit_train_batches=10",
                    "+callbacks.wreck._target_=test_cli.WreckLastEpoch"])
     m = train(cfg, tmp_path)
     accs = [float(r["val/acc"]) for r in csv.DictReader((tmp_path / "epochs.csv").open())]

@@ -14,9 +14,12 @@ from finetune.train import train
 
 TINY = ["backbone.name=test_efficientnet", "backbone.pretrained=false", "data.image_size=32",
         "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "augment=none", "seed=3",
-        "freeze=lp_ft", "freeze.unfreeze_at_epoch=1"]
+        "freeze=lp_ft", "freeze.unfreeze_at_epoch=1",
+        # A few batches: the check is that compiled and eager steps agree, not what they learn.
+        "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=3", "+trainer.limit_test_batches=3"]
 
 
+@pytest.mark.slow  # dynamo traces forward and backward twice (before and after the unfreeze): minutes on a CPU
 def test_compiled_run_matches_the_eager_run_and_saves_the_same_keys(tmp_path: Path) -> None:
     # aot_eager traces forward and backward like inductor does, without the C++ build; lp_ft
     # unfreezes the backbone after epoch 0, so the compiled graph must follow requires_grad.
