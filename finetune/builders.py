@@ -66,7 +66,12 @@ def check_run_config(cfg: DictConfig) -> None:
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
     """The DataModule of ``cfg.data`` and ``cfg.augment``, preprocessed for ``cfg.backbone.name``."""
-    return ImageDataModule(backbone=cfg.backbone.name, seed=cfg.seed, augment=_plain(cfg.augment), **_plain(cfg.data))
+    from finetune.data.sources import SOURCES
+    from finetune.data.streaming import StreamingDataModule
+
+    # A source that streams shards (data=webdataset) cannot be listed: its own DataModule feeds it.
+    kind = StreamingDataModule if getattr(SOURCES.get(cfg.data.source), "streams", False) else ImageDataModule
+    return kind(backbone=cfg.backbone.name, seed=cfg.seed, augment=_plain(cfg.augment), **_plain(cfg.data))
 
 
 def balanced_class_weights(counts: Sequence[int], class_names: Sequence[str] | None = None) -> list[float]:

@@ -98,6 +98,7 @@ _NOISE = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of a torch API
     r".*does not have many workers",  # num_workers is a data option; the default suits the bundled data
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # small data: fine
+    r"Your `IterableDataset` has `__len__` defined",  # data=webdataset: exact per rank (finetune.data.streaming)
 )
 
 
@@ -130,4 +131,5 @@ def quiet_console() -> None:
 
 def main() -> None:
     quiet_console()
-    run_app(_main)
+    # Shard patterns (train-{000000..000009}.tar) taken as typed: Hydra's grammar would read the braces as a dict.
+    run_app(_main, literal_keys=("data.urls", "data.val_urls", "data.test_urls"))

@@ -37,6 +37,8 @@ __all__ = [
 
 def cache_features_reason(module: FineTuneModule, images: ImageDataModule) -> str | None:
     """Why features cannot be cached for this module and data; None when they can."""
+    if getattr(images.source, "streams", False):
+        return f"data={images.source.source} streams its images: the cache keeps features of listed images"
     if not module.freeze_plan.backbone_frozen_throughout:
         return f"the backbone trains (freeze={module.strategy.name}); caching needs freeze=head_only"
     if module.train_loss.mixing:

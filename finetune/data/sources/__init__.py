@@ -9,6 +9,7 @@ from finetune.data.sources import (  # noqa: F401  (register)
     csv_listing,
     fashion,
     image_folder,
+    sharded,
     skimage_photos,
     sklearn_digits,
     torchvision_datasets,
@@ -28,6 +29,7 @@ from finetune.data.sources.csv_listing import CsvListing, csv_source
 from finetune.data.sources.fashion import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST, fashion_mnist
 from finetune.data.sources.idx import read_idx
 from finetune.data.sources.image_folder import Folder, folder
+from finetune.data.sources.sharded import WebDataset
 from finetune.data.sources.skimage_photos import Photos, photos
 from finetune.data.sources.sklearn_digits import Digits, digits
 from finetune.data.sources.torchvision_datasets import TorchvisionDataset, torchvision_source
@@ -45,6 +47,7 @@ __all__ = [
     "Source",
     "Split",
     "TorchvisionDataset",
+    "WebDataset",
     "build_source",
     "csv_source",
     "digits",
