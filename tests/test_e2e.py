@@ -1,4 +1,4 @@
-"""Real fine-tuning with the offline ImageNet weights of tf_efficientnet_lite0 (minutes on a 2-core CPU)."""
+"""Real fine-tuning with the offline ImageNet weights of tf_efficientnet_lite0 (the main job and auto: minutes on a 2-core CPU)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_main_job_reaches_97_percent_on_digits(tmp_path: Path) -> None:
     """The README's main job: `python -m finetune` with no overrides."""
     out = tmp_path / "run"
@@ -41,6 +40,7 @@ def test_the_readmes_python_example_runs_as_written(tmp_path: Path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # Lightning's files where the example says
 
 
+@pytest.mark.slow
 def test_auto_recipe_on_digits_does_as_well_as_an_rbf_svm_on_the_same_split(tmp_path: Path) -> None:
     """`+recipe=auto` on the built-in digits: advice small_dissimilar, then at least an SVM's accuracy on raw pixels.
 
