@@ -186,6 +186,8 @@ class Config:
             small val set (180 digits) "best" is often an early epoch tied by chance.
         calibrate: fit temperature scaling (Guo et al. 2017) on the val split at the end of the run and store
             it in the checkpoints, so predict and evaluate give calibrated probabilities (docs/calibration.md).
+        wise_ft: WiSE-FT at the end of the run: the chosen (on val) interpolation between its start (pretrained
+            backbone, probe head) and its end is what it evaluates (docs/weight-averaging.md).
         resume: a run directory to continue from its checkpoints/last.ckpt, with that run's own config.
         overwrite: run in a directory that already holds a run, removing that run's files first.
     """
@@ -207,6 +209,7 @@ class Config:
     compile: Any = False
     evaluate: str = "last"
     calibrate: bool = True
+    wise_ft: bool = False
     resume: Optional[str] = None
     overwrite: bool = False
 

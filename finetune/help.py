@@ -21,7 +21,8 @@ COMMANDS = {
     "finetune.advise": "which recipe suits your data (its size and similarity to ImageNet), as JSON; no training",
     "finetune.stages": "a backbone's stages and what each freeze strategy trains",
     "finetune.size": "a network's units, weights and connections per layer and stage, and what a freeze costs",
-    "finetune.compare": "the comparison table and plot of the runs of a sweep directory",
+    "finetune.compare": "the comparison table and plot of the runs of a sweep directory (--soup: their greedy soup)",
+    "finetune.interpolate": "WiSE-FT between two checkpoints: every weight interpolated, alpha chosen on val",
     "finetune.export": "a checkpoint as ONNX or TorchScript with its preprocessing as JSON, to run without finetune",
 }
 
