@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.callbacks.ema import ema_from_config
 from finetune.checkpoint_io import AtomicCheckpointIO
 from finetune.data import ImageDataModule
 from finetune.data.augment import mixing_options
@@ -56,6 +57,7 @@ def check_run_config(cfg: DictConfig) -> None:
         raise FineTuneError(f"unknown config key(s) {', '.join(unknown)}: nothing reads them{hint}")
     if cfg.evaluate not in _EVALUATE:
         raise FineTuneError(f"evaluate must be one of {', '.join(_EVALUATE)}, got '{cfg.evaluate}'")
+    ema_from_config(cfg.get("ema"))  # a bad ema.decay stops the run here
     callbacks = {k: v for k, v in (_plain(cfg.callbacks) or {}).items() if v}
     targets = [str(v.get("_target_", "")) for v in callbacks.values()]
     if not any(t.endswith("RunRecorder") for t in targets):
@@ -149,9 +151,11 @@ def _instantiate(name: str, node: Mapping[str, Any], run_dir: Path) -> Any:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
-    """``cfg.callbacks`` (name -> ``_target_`` object; null entries skipped), built."""
+    """``cfg.callbacks`` (name -> ``_target_`` object; null entries skipped), built; the EMA of ``cfg.ema`` first."""
     nodes = _plain(cfg.get("callbacks")) or {}
-    return [_instantiate(f"callbacks.{k}", v, run_dir) for k, v in nodes.items() if v is not None]
+    ema = ema_from_config(cfg.get("ema"))  # first: every later hook sees the weights it swaps in
+    built = [_instantiate(f"callbacks.{k}", v, run_dir) for k, v in nodes.items() if v is not None]
+    return [ema, *built] if ema else built
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:

@@ -32,7 +32,7 @@ from finetune.optim import build_scheduler
 from finetune.strategies import STRATEGIES, compared_strategies
 
 __all__ = [
-    "CONF_DIR", "RECIPES_DIR", "AdviseConfig", "BackboneConfig", "Config", "LossConfig", "OptimConfig",
+    "CONF_DIR", "RECIPES_DIR", "AdviseConfig", "BackboneConfig", "Config", "EmaConfig", "LossConfig", "OptimConfig",
     "TrainerConfig", "compose", "recipe_names", "register_configs", "register_recipes", "target_config",
 ]
 
@@ -147,6 +147,25 @@ class TrainerConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights (:class:`finetune.callbacks.ema.EMA`): validated,
+    checkpointed, calibrated and exported in place of the raw weights.
+
+    Attributes:
+        decay: the EMA's decay per update, in (0, 1); None: off.
+        use_warmup: timm ModelEmaV3's warmup: update t uses ``min(decay, 1 - (1 + t) ** -warmup_power)``, so a
+            short run (digits: 40 steps an epoch) is not averaged mostly from its first steps' weights.
+        warmup_power: timm's ``warmup_power``: 2/3 reaches 0.99 after 1,000 updates, 0.999 after 31,600.
+        update_every_n_steps: update after every n-th optimizer step (Lightning's ``EMAWeightAveraging``).
+    """
+
+    decay: Optional[float] = None
+    use_warmup: bool = True
+    warmup_power: float = 2 / 3
+    update_every_n_steps: int = 1
+
+
+@dataclass
 class AdviseConfig:
     """How ``+recipe=auto`` and ``python -m finetune.advise`` measure the data and pick a recipe.
 
@@ -186,8 +205,8 @@ class Config:
             small val set (180 digits) "best" is often an early epoch tied by chance.
         calibrate: fit temperature scaling (Guo et al. 2017) on the val split at the end of the run and store
             it in the checkpoints, so predict and evaluate give calibrated probabilities (docs/calibration.md).
-        wise_ft: WiSE-FT at the end of the run: the chosen (on val) interpolation between its start (pretrained
-            backbone, probe head) and its end is what it evaluates (docs/weight-averaging.md).
+        ema: an exponential moving average of the weights, evaluated and checkpointed in their place
+            (``ema.decay=0.998``; finetune.callbacks.ema, docs/weight-averaging.md); off by default.
         resume: a run directory to continue from its checkpoints/last.ckpt, with that run's own config.
         overwrite: run in a directory that already holds a run, removing that run's files first.
     """
@@ -203,13 +222,13 @@ class Config:
     callbacks: Dict[str, Any] = field(default_factory=dict)
     logger: Any = None
     advise: AdviseConfig = field(default_factory=AdviseConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     recipe: Optional[str] = None
     seed: int = 42
     cache_features: Any = "auto"
     compile: Any = False
     evaluate: str = "last"
     calibrate: bool = True
-    wise_ft: bool = False
     resume: Optional[str] = None
     overwrite: bool = False
 
