@@ -207,6 +207,8 @@ class Config:
             it in the checkpoints, so predict and evaluate give calibrated probabilities (docs/calibration.md).
         ema: an exponential moving average of the weights, evaluated and checkpointed in their place
             (``ema.decay=0.998``; finetune.callbacks.ema, docs/weight-averaging.md); off by default.
+        wise_ft: WiSE-FT at the end of the run: the chosen (on val) interpolation between its start (pretrained
+            backbone, probe head) and its end is what it evaluates (docs/weight-averaging.md).
         resume: a run directory to continue from its checkpoints/last.ckpt, with that run's own config.
         overwrite: run in a directory that already holds a run, removing that run's files first.
     """
@@ -229,6 +231,7 @@ class Config:
     compile: Any = False
     evaluate: str = "last"
     calibrate: bool = True
+    wise_ft: bool = False
     resume: Optional[str] = None
     overwrite: bool = False
 
