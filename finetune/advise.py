@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
+from finetune.distributed import is_launch_rank_zero
 from finetune.errors import FineTuneError, run_command
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 
@@ -185,8 +186,11 @@ def follow_advice(
     features: list[PrecomputedFeatures] = []
     advice = advise_or_fallback(cfg, features)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "advice.json").write_text(json.dumps(advice, indent=2) + "\n")
+    # Every process of a torchrun/srun run measures the same seeded sample with the same weights, so each
+    # follows the same advice (docs/distributed.md); rank 0 alone writes it.
+    if is_launch_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "advice.json").write_text(json.dumps(advice, indent=2) + "\n")
     print(f"advice: {advice['recipe']}: {advice['reason']}", flush=True)
     chosen = compose(recipe_overrides(overrides, advice["recipe"]))
     extra = {"recipe": "auto", "advised_recipe": advice["recipe"], "advice": advice["reason"]}

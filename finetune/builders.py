@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.callbacks.ema import ema_from_config
 from finetune.checkpoint_io import AtomicCheckpointIO
 from finetune.data import ImageDataModule
+from finetune.distributed import check_script_launcher
 from finetune.data.augment import mixing_options
 from finetune.errors import FineTuneError
 from finetune.features import FeatureDataModule, PrecomputedFeatures, resolve_cache_features
@@ -187,7 +188,9 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> pl.Trainer:
 
         callbacks.append(EpochLine())
     try:
-        return pl.Trainer(default_root_dir=run_dir, logger=build_logger(cfg, run_dir),
-                          callbacks=callbacks, plugins=plugins, **kwargs)
+        trainer = pl.Trainer(default_root_dir=run_dir, logger=build_logger(cfg, run_dir),
+                             callbacks=callbacks, plugins=plugins, **kwargs)
     except TypeError as e:  # an argument Trainer does not take, e.g. +trainer.max_epoch=1
         raise FineTuneError(f"trainer: {e}") from None
+    check_script_launcher(trainer)  # strategy=ddp in a --multirun would rerun the sweep in each child
+    return trainer

@@ -20,6 +20,7 @@ from finetune.advise import follow_advice
 from finetune.compare import write_failure
 from finetune.config import CONF_DIR, compose, register_configs
 from finetune.command import hold_errors, run_app
+from finetune.distributed import check_launch, is_launch_rank_zero
 from finetune.errors import FineTuneError, error_line
 from finetune.help import register_help
 from finetune.resume import resume_config
@@ -48,8 +49,9 @@ def _main(cfg: DictConfig) -> float | None:
             cfg, _, extra = resume_config(cfg.resume, [o for o in overrides if not o.startswith("resume=")])
             run_dir = Path(cfg.resume)
         # Nothing is written before the directory is ours: another run may hold it, or a finished one.
+        check_launch(in_sweep)
         with claim_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume)):
-            if not cfg.resume:
+            if not cfg.resume and is_launch_rank_zero():
                 _save_hydra_files(run_dir, cfg)
             if cfg.recipe == "auto":
                 cfg, extra, precomputed = follow_advice(cfg, overrides, run_dir)

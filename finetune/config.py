@@ -27,6 +27,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from finetune.data.augment import AUGMENT_PRESETS, AugmentConfig
 from finetune.data.sources import SOURCES
+from finetune.distributed import check_default_run_dir
 from finetune.heads import HEADS
 from finetune.optim import build_scheduler
 from finetune.strategies import STRATEGIES, compared_strategies
@@ -134,7 +135,9 @@ class TrainerConfig:
 
     max_epochs: int = 15  # the main job (digits, full fine-tuning) needs 15 for a margin over 97%
     accelerator: str = "auto"
-    devices: Any = "auto"
+    devices: Any = "auto"  # per node; data.batch_size is per device: global batch = batch_size x devices x num_nodes
+    num_nodes: int = 1
+    strategy: Any = "auto"  # ddp, fsdp, ddp_spawn, ... (docs/distributed.md); torchrun and srun are detected
     precision: Any = "32-true"
     log_every_n_steps: int = 10
     deterministic: bool = False
@@ -243,7 +246,7 @@ BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_
 
 def _run_dir(resume: str | None, new: str) -> str:
     if resume in (None, ""):
-        return new
+        return check_default_run_dir(new)  # under torchrun/srun each process would stamp its own directory
     from finetune.resume import last_checkpoint
 
     return str(last_checkpoint(resume).parent.parent)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from finetune.distributed import is_launch_rank_zero
 from finetune.errors import FineTuneError
 
 __all__ = ["LOCK_NAME", "RUN_FILES", "claim_run_dir", "holds_a_run"]
@@ -83,6 +84,9 @@ def claim_run_dir(run_dir: str | os.PathLike[str], overwrite: bool = False, resu
         resuming: the directory's run is being continued: its files are expected and kept.
     """
     run_dir = Path(run_dir)
+    if not is_launch_rank_zero():  # another process of this run (torchrun, srun, ddp) holds it and writes
+        yield run_dir
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_NAME
     held_before = lock.exists() and lock.read_text().split(" ")[0] == str(os.getpid())

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.builders import build_datamodule, build_fit_datamodule, build_module, build_trainer, check_run_config
 from finetune.callbacks import RunRecorder, best_checkpoint
+from finetune.distributed import is_launch_rank_zero
 from finetune.errors import FineTuneError
 from finetune.features import PrecomputedFeatures
 from finetune.resume import last_checkpoint
@@ -52,7 +53,8 @@ def train(
 
 def _train(cfg: DictConfig, run_dir: Path, precomputed: Sequence[PrecomputedFeatures], extra: Mapping | None) -> dict:
     ckpt_path = last_checkpoint(run_dir) if cfg.resume else None
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if is_launch_rank_zero():  # the other processes of a torchrun/srun/ddp run write nothing
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     model = build_module(cfg, dm)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.data.augment import AugmentConfig, build_ops, resolve_augment
 from finetune.data.duplicates import Duplicate, check_on_duplicate
@@ -20,6 +20,7 @@ from finetune.data.scan import check_on_bad_image
 from finetune.data.sources import DataSplits, Source, Split, build_source
 from finetune.data.sources.base import check_fields
 from finetune.data.transforms import eval_transform, train_transform
+from finetune.distributed import shard_order
 from finetune.errors import FineTuneError
 
 __all__ = ["ImageDataModule", "ImageDataset", "SplitLoaders", "backbone_data_config"]
@@ -271,12 +272,15 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         """Split ``name`` through the deterministic eval pipeline (for measuring, not training)."""
         return ImageDataset(self.data.splits[name], self._eval_transform(), self.on_bad_image)
 
-    def train_sampler(self, trainer: Any = None) -> EpochSampler:
+    def train_sampler(self, trainer: Any = None) -> Sampler[int]:
         """The train split's order from (seed, epoch): a shuffle, or with ``sampler="weighted"`` draws with
-        replacement weighted 1 / (images of the class), so every class comes up about equally often."""
+        replacement weighted 1 / (images of the class), so every class comes up about equally often.
+        Under DDP, this rank's share of that order (:func:`finetune.distributed.shard_order`)."""
         labels = self.data.splits["train"].labels
         weights = (1.0 / np.bincount(labels)[labels]).tolist() if self.sampler == "weighted" else None
-        return EpochSampler(len(labels), self.seed, first_epoch(trainer or self.trainer), weights, self._reseed_train)
+        trainer = trainer or self.trainer
+        return shard_order(EpochSampler(len(labels), self.seed, first_epoch(trainer), weights, self._reseed_train),
+                           trainer)
 
     def _reseed_train(self, seed: int) -> None:
         # Each epoch's augmentations and worker seeds from (seed, epoch), as its order: a resumed run repeats them.
