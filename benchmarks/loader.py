@@ -8,6 +8,11 @@ crop, flip, normalize). Measured side by side in one run: the loader alone (no m
 default workers of ``data=folder`` (``finetune.data.sources.Folder``) and with 0 workers, then
 training steps of ``freeze=none`` and ``freeze=head_only`` on in-memory batches (no loader). Prints the ratios
 loader / step; the loader keeps up when the ratio is above 1 (target: 3x).
+
+The same JPEGs are also written as WebDataset shards (``finetune.shard``, the files' own bytes) and
+streamed by ``data=webdataset`` with the same train transforms and workers, measured alternately with
+the folder source (``--repeats`` rounds each; the best round counts, as timeit does): the ratio
+shards / folder says what streaming costs on one machine.
 """
 
 from __future__ import annotations
@@ -50,6 +55,25 @@ def loader_rate(root: Path, workers: int, batch_size: int, epochs: int) -> float
     return seen / (time.perf_counter() - start)
 
 
+def shard_rate(splits: dict, workers: int, batch_size: int, epochs: int) -> float:
+    """As :func:`loader_rate`, for the shards ``finetune.shard`` wrote (``splits``: its classes.json's)."""
+    from finetune.data import StreamingDataModule
+
+    dm = StreamingDataModule("webdataset", urls=splits["train"]["urls"], val_urls=splits["val"]["urls"],
+                             backbone="tf_efficientnet_lite0", batch_size=batch_size, num_workers=workers)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    next(it)  # timed from the same point as loader_rate: after the first batch
+    start, seen = time.perf_counter(), 0
+    for x, _ in it:
+        seen += len(x)
+    for epoch in range(1, epochs):
+        loader._epoch = lambda epoch=epoch: epoch  # each epoch its own shuffle, as Lightning's epochs
+        for x, _ in loader:
+            seen += len(x)
+    return seen / (time.perf_counter() - start)
+
+
 def step_rate(freeze: str, batch_size: int, steps: int) -> float:
     import torch
 
@@ -85,13 +109,25 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=default_workers)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "loader.json"))
     args = p.parse_args()
 
     root = Path(tempfile.mkdtemp()) / "jpg"
     _write_jpegs(root, args.images)
+    from finetune.data.sources import Folder
+    from finetune.shard import shard_source
+
+    shards = root.parent / "shards"
+    train_images = len(Folder(root=str(root)).load(0).splits["train"])
+    splits = shard_source(Folder(root=str(root)), shards, maxcount=-(-train_images // 4))["splits"]  # 4 train shards
+    folder_runs, shard_runs = [], []
+    for _ in range(args.repeats):
+        folder_runs.append(loader_rate(root, args.workers, args.batch_size, args.epochs))
+        shard_runs.append(shard_rate(splits, args.workers, args.batch_size, args.epochs))
     results = {
-        f"loader, {args.workers} workers": loader_rate(root, args.workers, args.batch_size, args.epochs),
+        f"loader, {args.workers} workers": max(folder_runs),
+        f"shards, {args.workers} workers": max(shard_runs),
         "loader, 0 workers": loader_rate(root, 0, args.batch_size, args.epochs),
         "train step, freeze=none": step_rate("none", args.batch_size, args.steps),
         "train step, freeze=head_only": step_rate("head_only", args.batch_size, args.steps),
@@ -102,11 +138,13 @@ def main() -> None:
         print(f"{k:<32} {v:8.1f} images/s")
     loader = results[f"loader, {args.workers} workers"]
     ratios = {f"loader / {k.split(', ')[1]}": loader / v for k, v in results.items() if k.startswith("train")}
+    ratios["shards / folder"] = results[f"shards, {args.workers} workers"] / loader
     for k, v in ratios.items():
         print(f"{k:<32} {v:8.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "images_per_s": results, "ratios": ratios}, indent=2) + "\n")
+    out.write_text(json.dumps({"args": vars(args), "images_per_s": results, "ratios": ratios,
+                                    "rounds": {"folder": folder_runs, "shards": shard_runs}}, indent=2) + "\n")
     print(f"written {out}")
 
 
