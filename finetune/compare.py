@@ -39,8 +39,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def write_report(root: str | Path) -> dict[str, Path]:
+def write_report(root: str | Path, soup: bool = False) -> dict[str, Path]:
     """Write ``comparison.csv``, ``comparison.md`` and ``comparison.png`` into ``root``.
+
+    Args:
+        soup: also make a greedy soup of the runs (:mod:`finetune.soup`) and add its row.
 
     Returns:
         The paths written, by kind (``png`` is missing where matplotlib is not installed).
@@ -48,9 +51,15 @@ def write_report(root: str | Path) -> dict[str, Path]:
     root = Path(root).expanduser()
     runs = collect_runs(root)
     columns, rows = report_rows(runs)
+    notes: list[str] = []
+    if soup:
+        from finetune.soup import soup_row
+
+        row, notes = soup_row(root, runs, columns)
+        rows.append(row)
     out = {"csv": root / "comparison.csv", "md": root / "comparison.md", "png": root / "comparison.png"}
     out["csv"].write_text(csv_text(columns, rows))
-    out["md"].write_text(markdown(columns, rows, shared_settings(runs)))
+    out["md"].write_text(markdown(columns, rows, shared_settings(runs), notes))
     try:
         plot(out["png"], rows, runs, swept_keys(runs))
     except ImportError:
@@ -81,11 +90,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m finetune.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="python -m finetune.compare: rebuild comparison.csv, comparison.md and comparison.png\n"
                     "from the run directories under DIR (a sweep writes them itself when it ends).",
-        epilog="example:\n  python -m finetune.compare multirun/2026-01-01/12-00-00")
+        epilog="example:\n  python -m finetune.compare multirun/2026-01-01/12-00-00\n"
+               "  python -m finetune.compare multirun/2026-01-01/12-00-00 --soup")
     parser.add_argument("dir", help="a sweep directory (multirun/DATE/TIME) or any folder of run directories")
+    parser.add_argument("--soup", action="store_true",
+                        help="also average the runs that share a start, greedily by val accuracy (Wortsman et al. "
+                             "2022), into soup.ckpt, and add a soup row")
     args = parser.parse_args(argv)
     try:
-        out = write_report(args.dir)
+        out = write_report(args.dir, soup=args.soup)
     except FineTuneError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -47,8 +47,8 @@ def _cell(key: str, value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown(columns: Sequence[str], rows: Sequence[Row], shared: Mapping[str, str]) -> str:
-    """A Markdown table, best accuracies in bold, with notes on failed runs and on ``shared`` settings."""
+def markdown(columns: Sequence[str], rows: Sequence[Row], shared: Mapping[str, str], extra: Sequence[str] = ()) -> str:
+    """A Markdown table, best accuracies in bold, with notes on failed runs, on ``shared`` settings, and ``extra``."""
     # The error column only when something failed: otherwise it is an empty column as wide as its header.
     shown = [c for c in columns if c != "error" or any(r["error"] for r in rows)]
     best = {}
@@ -76,6 +76,7 @@ def markdown(columns: Sequence[str], rows: Sequence[Row], shared: Mapping[str, s
             f"{r['run']} ({r['status']})" for r in failed) + ".")
     if shared:
         notes.append("Shared by every run: " + ", ".join(f"{k}={v}" for k, v in shared.items()) + ".")
+    notes += list(extra)
     notes.append("Accuracies are of the weights each run evaluated (`evaluate=`); best in bold. "
                  "Train time and images/s include the per-epoch validation.")
     return "\n".join([*lines, "", *notes, "", "![comparison](comparison.png)", ""])
