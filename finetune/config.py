@@ -15,26 +15,23 @@ any working directory (and avoids Hydra #2511).
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from finetune.backbones import offline_candidates
 from finetune.data.augment import AUGMENT_PRESETS, AugmentConfig
 from finetune.data.sources import SOURCES
 from finetune.distributed import check_default_run_dir
-from finetune.heads import HEADS
-from finetune.optim import build_scheduler
+from finetune.target_config import LinearHeadConfig, MLPHeadConfig, SchedulerConfig, target_config
 from finetune.strategies import STRATEGIES, compared_strategies
 
 __all__ = [
     "CONF_DIR", "RECIPES_DIR", "AdviseConfig", "BackboneConfig", "Config", "EmaConfig", "LossConfig", "OptimConfig",
-    "TrainerConfig", "compose", "recipe_names", "register_configs", "register_recipes", "target_config",
+    "TrainerConfig", "TuneConfig", "compose", "recipe_names", "register_configs", "register_recipes", "target_config",
 ]
 
 _PKG = Path(__file__).resolve().parent
@@ -50,30 +47,6 @@ def _find(name: str) -> Path:
 CONF_DIR = _find("conf")
 RECIPES_DIR = _find("recipes")
 
-_SIMPLE = (int, float, bool, str)
-
-
-def target_config(fn: Callable[..., Any], *, exclude: Sequence[str] = (), partial: bool = False) -> type:
-    """A dataclass config for ``fn`` (``_target_`` plus its defaulted arguments), read off its signature.
-
-    So a head's or a scheduler's defaults live in its own signature only, and are still typed
-    config fields. Arguments without a default, or named in ``exclude``, are what the caller supplies.
-    """
-    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
-    fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=f"{fn.__module__}.{fn.__qualname__}"))]
-    if partial:
-        fields.append(("_partial_", bool, field(default=True)))
-    for p in inspect.signature(fn).parameters.values():
-        if p.name in exclude or p.default is inspect.Parameter.empty or p.kind is p.VAR_KEYWORD:
-            continue
-        hint = hints.get(p.name, Any)
-        fields.append((p.name, hint if hint in _SIMPLE else Any, field(default=p.default)))
-    return dataclasses.make_dataclass(f"{fn.__name__}_config", fields)
-
-
-LinearHeadConfig = target_config(HEADS["linear"], exclude=("num_features", "num_classes"))
-MLPHeadConfig = target_config(HEADS["mlp"], exclude=("num_features", "num_classes"))
-SchedulerConfig = target_config(build_scheduler, exclude=("optimizer", "total_steps", "steps_per_epoch"), partial=True)
 
 
 @dataclass
@@ -98,7 +71,7 @@ class OptimConfig:
         it gets the parameter groups and ``lr``.
     scheduler: a factory ``(optimizer, total_steps, steps_per_epoch) -> LR scheduler``, partial;
         the default warms up and decays each group from its own unfreeze epoch.
-    lr: the new head's LR.
+    lr: the new head's LR; ``find``: Lightning's LR range test picks it at the start of fit (finetune.lr_find).
     backbone_lr_mult: pretrained layers get ``lr * backbone_lr_mult``. A third, not the usual tenth:
         the default data (8x8 digits) is far from ImageNet, and at 0.1 the main job reaches 95.0%
         test accuracy instead of 97.8% (both 10 epochs, seed 42).
@@ -110,7 +83,7 @@ class OptimConfig:
 
     optimizer: Any = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True})
     scheduler: Any = field(default_factory=SchedulerConfig)
-    lr: float = 3e-3
+    lr: Any = 3e-3  # a float, or 'find' (checked in finetune.builders.check_run_config)
     backbone_lr_mult: float = 0.3
     layer_decay: Optional[float] = None
     weight_decay: float = 0.01
@@ -181,6 +154,12 @@ class AdviseConfig:
         similarity_model: None: the backbone itself (tf_efficientnet_lite0 when it has no BatchNorm or
             is not pretrained); or a timm name with pretrained BatchNorm.
         fallback: a recipe to train with when the data cannot be measured; None: stop with an error.
+        candidates: backbones ranked by LogME on the measured sample (finetune/ranking.py); the chosen one
+            trains. Default: EfficientNet-Lite0/1/2 where their offline packages are installed (the
+            ``candidates`` extra), else none; any timm names where the hub is reachable. Empty or null: the
+            given backbone trains without ranking. The given backbone is always ranked too.
+        logme_margin: the cheapest candidate within this much LogME (per-image log evidence) of the best wins.
+        cost_weight: LogME subtracted per doubling of time per image (0: cost only breaks near-ties).
     """
 
     sample_size: int = 256
@@ -189,6 +168,21 @@ class AdviseConfig:
     similar_below: float = 0.2
     similarity_model: Optional[str] = None
     fallback: Optional[str] = None
+    candidates: Optional[List[str]] = field(default_factory=offline_candidates)
+    logme_margin: float = 0.01
+    cost_weight: float = 0.0
+
+
+@dataclass
+class TuneConfig:
+    """``+recipe=tune``: an Optuna search (Hydra's Optuna sweeper) over the knobs in recipes/tune.yaml.
+
+    Attributes:
+        n_trials: trials of the search (``hydra.sweeper.n_trials`` follows it); with ``budget=T`` each trial
+            gets ``T / n_trials``.
+    """
+
+    n_trials: int = 8
 
 
 @dataclass
@@ -214,6 +208,10 @@ class Config:
             backbone, probe head) and its end is what it evaluates (docs/weight-averaging.md).
         resume: a run directory to continue from its checkpoints/last.ckpt, with that run's own config.
         overwrite: run in a directory that already holds a run, removing that run's files first.
+        budget: the run's time budget (``90s``, ``10m``, ``1h30m``): the epochs are planned from measured step
+            times so that the LR schedule ends on time and the run ends within it (finetune.budget); null: off,
+            trainer.max_epochs says how long.
+        tune: the search of ``+recipe=tune``.
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -237,6 +235,8 @@ class Config:
     wise_ft: bool = False
     resume: Optional[str] = None
     overwrite: bool = False
+    budget: Optional[str] = None
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # The backbones offered as backbone=NAME (any timm name works as backbone.name=NAME).
