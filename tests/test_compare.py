@@ -19,7 +19,6 @@ from finetune.compare import collect_runs, main, report_rows
 from finetune.config import compose
 from finetune.train import train
 
-from conftest import run_cli
 
 TINY = ["backbone.name=test_resnet", "backbone.pretrained=false", "data.image_size=32", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false"]
@@ -32,9 +31,10 @@ def _rows(sweep: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _sweep(tmp_path: Path, *args: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def _sweep(cli, tmp_path: Path, *args: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A sweep through the command line's main(), in this process (``cli``: tests/conftest.py)."""
     sweep = tmp_path / "sweep"
-    r = run_cli([*args, *TINY, *FEW_BATCHES, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    r = cli([*args, *TINY, *FEW_BATCHES, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     return sweep, r
 
@@ -55,9 +55,9 @@ def _torch_import_rss_mb() -> float:
     return int(out.stdout.split()[-1]) / 2**10  # KiB on Linux
 
 
-def test_sweep_writes_the_comparison_and_compare_rebuilds_it(tmp_path: Path) -> None:
+def test_sweep_writes_the_comparison_and_compare_rebuilds_it(tmp_path: Path, cli) -> None:
     start = time.perf_counter()
-    sweep, r = _sweep(tmp_path, "--multirun", "freeze=head_only,top_stages,none")
+    sweep, r = _sweep(cli, tmp_path, "--multirun", "freeze=head_only,top_stages,none")
     sweep_wall_time_s = time.perf_counter() - start
     for name in ("comparison.csv", "comparison.md", "comparison.png"):
         assert (sweep / name).stat().st_size > 0, name
@@ -106,9 +106,9 @@ def test_sweep_writes_the_comparison_and_compare_rebuilds_it(tmp_path: Path) -> 
     assert {name: (sweep / name).read_text() for name in before} == before
 
 
-def test_a_failed_run_is_listed_and_the_sweep_goes_on(tmp_path: Path) -> None:
+def test_a_failed_run_is_listed_and_the_sweep_goes_on(tmp_path: Path, cli) -> None:
     # freeze=patterns without patterns passes Hydra and fails inside train() with a FineTuneError.
-    sweep, r = _sweep(tmp_path, "--multirun", "freeze=patterns,head_only")
+    sweep, r = _sweep(cli, tmp_path, "--multirun", "freeze=patterns,head_only")
     assert "error: freeze=patterns needs freeze.trainable" in r.stderr  # shown when it happens, not only at the end
     rows = _rows(sweep)
     assert [(row["freeze"], row["status"]) for row in rows] == [("patterns", "failed"), ("head_only", "ok")]
@@ -121,8 +121,8 @@ def test_a_failed_run_is_listed_and_the_sweep_goes_on(tmp_path: Path) -> None:
     assert (sweep / "comparison.png").exists()
 
 
-def test_recipe_compare_sweeps_the_standard_strategies_without_multirun_flag(tmp_path: Path) -> None:
-    sweep, _ = _sweep(tmp_path, "+recipe=compare")
+def test_recipe_compare_sweeps_the_standard_strategies_without_multirun_flag(tmp_path: Path, cli) -> None:
+    sweep, _ = _sweep(cli, tmp_path, "+recipe=compare")
     rows = _rows(sweep)
     assert [row["freeze"] for row in rows] == ["none", "head_only", "top_stages", "gradual", "lp_ft", "bitfit", "norm", "lora"]  # the registry's
     assert all(row["status"] == "ok" for row in rows)
