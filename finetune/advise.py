@@ -74,6 +74,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     """
     from finetune.builders import build_datamodule
     from finetune.data import ImageDataModule
+    from finetune.ranking import MeasuredPass, candidate_names, rank_backbones
     from finetune.similarity import measure_similarity
 
     a = cfg.advise
@@ -103,16 +104,24 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
         x.contiguous(memory_format=torch.channels_last) if channels_last else x
         for x, _ in DataLoader(Subset(dataset, idx.tolist()), batch_size=64)
     )
-    outputs: list[torch.Tensor] | None = [] if features is not None else None
+    candidates = candidate_names(cfg)
+    outputs: list[torch.Tensor] | None = [] if features is not None or candidates else None
+    pass_start = time.perf_counter()
     sim = measure_similarity(model, batches, outputs)
-    if features is not None and outputs:
-        features.append(PrecomputedFeatures(
-            split="train", fingerprint=split_fingerprint(dm.data.splits["train"]),
-            data_config=measure_dm.data_config, digest=state_digest(model), channels_last=channels_last,
-            indices=tuple(int(i) for i in idx), features=torch.cat(outputs),
-        ))  # fmt: skip
+    pass_s = time.perf_counter() - pass_start
+    measured = PrecomputedFeatures(
+        split="train", fingerprint=split_fingerprint(dm.data.splits["train"]),
+        data_config=measure_dm.data_config, digest=state_digest(model), channels_last=channels_last,
+        indices=tuple(int(i) for i in idx), features=torch.cat(outputs),
+    ) if outputs else None  # fmt: skip
     if sim.bn_divergence is None:
         raise FineTuneError(f"{measured_with} has no BatchNorm layers to measure similarity with")
+    ranking = None
+    if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
+        own = MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, pass_s) if measured else None
+        ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates)
+    if features is not None and measured is not None:
+        features.append(measured)
 
     similar = sim.bn_divergence < float(a.similar_below)
     similarity = "similar" if similar else "dissimilar"
@@ -145,6 +154,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
             "seconds": round(time.perf_counter() - start, 2),
         },
         "thresholds": {"small_below": int(a.small_below), "similar_below": float(a.similar_below)},
+        **({"backbones": ranking} if ranking else {}),
     }
 
 
@@ -192,8 +202,16 @@ def follow_advice(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "advice.json").write_text(json.dumps(advice, indent=2) + "\n")
     print(f"advice: {advice['recipe']}: {advice['reason']}", flush=True)
-    chosen = compose(recipe_overrides(overrides, advice["recipe"]))
+    backbone = (advice.get("backbones") or {}).get("chosen")
+    switch = []  # the ranked backbone trains (finetune/ranking.py); another backbone's weights file does not fit it
+    if backbone and backbone != cfg.backbone.name:
+        switch = [f"backbone.name={backbone}", *(["backbone.weights=null"] if cfg.backbone.weights else [])]
+    if backbone:
+        print(f"backbone: {advice['backbones']['reason']}", flush=True)
+    chosen = compose([*recipe_overrides(overrides, advice["recipe"]), *switch])
     extra = {"recipe": "auto", "advised_recipe": advice["recipe"], "advice": advice["reason"]}
+    if backbone:
+        extra["advised_backbone"] = backbone
     return chosen, extra, features
 
 

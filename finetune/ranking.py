@@ -1,0 +1,191 @@
+"""Which backbone ``+recipe=auto`` trains: candidates ranked by LogME on the advice's sample, weighed by cost.
+
+Each candidate of ``advise.candidates`` (the given backbone is always one of them) runs the
+advice's seeded sample of training images at the resolution it would train at (``data.image_size``,
+else its own pretrained input size), and its pooled features are scored with
+:func:`finetune.logme.logme`. The pass is timed (images/s): it is the cost of every forward pass
+through that backbone. :func:`choose_backbone` then applies one rule, documented there, and
+``advice.json`` lists every candidate with its score, images/s and the choice.
+
+The candidate that measured similarity is not run twice: its pass is the advice's own, timed the
+same way (every candidate's pass collects BatchNorm statistics, so the timings compare).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+
+from finetune.backbones import create_backbone
+from finetune.data import DataSplits, ImageDataModule
+from finetune.errors import FineTuneError
+from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
+from finetune.logme import logme
+from finetune.similarity import measure_similarity
+
+__all__ = ["CandidateScore", "MeasuredPass", "candidate_names", "choose_backbone", "rank_backbones"]
+
+
+@dataclass
+class MeasuredPass:
+    """The advice's own pass over the sample: who ran it, at which preprocessing, its outputs and time."""
+
+    name: str
+    data_config: dict[str, Any]
+    channels_last: bool
+    features: PrecomputedFeatures
+    seconds: float
+
+
+@dataclass
+class CandidateScore:
+    """One row of ``advice.json``'s ``backbones.candidates``."""
+
+    name: str
+    logme: float
+    images_per_s: float
+    image_size: int
+    num_features: int
+    weights: str
+
+
+def candidate_names(cfg: DictConfig) -> list[str]:
+    """The backbones to rank: ``advise.candidates`` with the given backbone first; none when ranking is off.
+
+    Off when ``advise.candidates`` is empty or null (the given backbone trains, as before), and
+    when the backbone is not pretrained (the candidates are choices of pretrained features).
+    """
+    names = [str(n) for n in (cfg.advise.get("candidates") or [])]
+    if not names or not cfg.backbone.pretrained:
+        return []
+    return list(dict.fromkeys([str(cfg.backbone.name), *names]))
+
+
+def choose_backbone(
+    scores: Mapping[str, float],
+    imgs_per_s: Mapping[str, float],
+    budget_s: float | None = None,
+    *,
+    margin: float = 0.01,
+    cost_weight: float = 0.0,
+    work_images: int | None = None,
+    trust_logme: bool = True,
+) -> tuple[str, str]:
+    """The backbone to train, and why: pure, so a budget planner can call it with its own numbers.
+
+    The rule, in order:
+
+    1. With ``budget_s`` and ``work_images`` (the images the plan sends through the backbone),
+       candidates that cannot pass ``work_images`` within ``budget_s`` drop out (the fastest stays
+       if none can).
+    2. ``trust_logme=False`` (data where LogME was measured to rank badly): the fastest remaining.
+    3. Each candidate's utility is its LogME minus ``cost_weight`` per doubling of time per image
+       relative to the fastest; the cheapest candidate within ``margin`` of the best utility wins.
+       LogME is a per-image log evidence: ``margin`` is in those units.
+
+    Args:
+        scores: LogME per candidate name.
+        imgs_per_s: measured images/s per candidate name (higher is cheaper).
+
+    Raises:
+        FineTuneError: no candidates, or scores and speeds for different names.
+    """
+    if not scores or set(scores) != set(imgs_per_s):
+        raise FineTuneError(f"choose_backbone needs a score and a speed for each candidate, got {scores}, {imgs_per_s}")
+    names = sorted(scores, key=lambda n: -imgs_per_s[n])  # fastest first: ties go to the cheaper
+    fastest = names[0]
+    notes = []
+    if budget_s is not None and work_images:
+        fits = [n for n in names if work_images / imgs_per_s[n] <= budget_s]
+        dropped = [n for n in names if n not in fits]
+        if dropped:
+            notes.append(f"{', '.join(dropped)} cannot pass {work_images} images in {budget_s:g} s")
+        names = fits or [fastest]
+    if not trust_logme:
+        reason = "; ".join([*notes, "LogME does not rank backbones reliably for this data: the fastest"])
+        return names[0], reason
+    top_speed = imgs_per_s[names[0]]
+    utility = {n: scores[n] - cost_weight * math.log2(top_speed / imgs_per_s[n]) for n in names}
+    best = max(names, key=lambda n: utility[n])
+    chosen = next(n for n in names if utility[n] >= utility[best] - margin)
+    if chosen == best:
+        why = f"{chosen}: highest LogME {scores[chosen]:.4f}"
+        if cost_weight:
+            why += f" after a cost of {cost_weight:g} per doubling of time per image"
+    else:
+        why = (f"{chosen}: LogME {scores[chosen]:.4f} within {margin:g} of {best}'s {scores[best]:.4f}, "
+               f"at {imgs_per_s[chosen] / imgs_per_s[best]:.1f}x its images/s")
+    return chosen, "; ".join([*notes, why])
+
+
+@torch.no_grad()
+def _run_candidate(
+    cfg: DictConfig, name: str, data: DataSplits, idx: np.ndarray, measured: MeasuredPass | None
+) -> tuple[PrecomputedFeatures, float, str]:
+    """The candidate's features of the sample, its seconds for them, and where its weights came from."""
+    cdm = ImageDataModule(data, image_size=cfg.data.get("image_size"), backbone=name)
+    channels_last = bool(cfg.backbone.get("channels_last", False))
+    if (measured is not None and measured.name == name and measured.data_config == cdm.data_config
+            and measured.channels_last == channels_last):
+        return measured.features, measured.seconds, "the advice's pass"
+    weights = cfg.backbone.weights if name == cfg.backbone.name else None
+    built = create_backbone(name, pretrained=True, weights=weights)
+    model = built.model
+    model.reset_classifier(0)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = DataLoader(Subset(cdm.eval_dataset("train"), idx.tolist()), batch_size=64)
+    # Timed as the advice's pass is: preprocessing at this resolution and BatchNorm statistics included.
+    images = (x.contiguous(memory_format=torch.channels_last) if channels_last else x for x, _ in loader)
+    outputs: list[torch.Tensor] = []
+    start = time.perf_counter()
+    measure_similarity(model, images, outputs)
+    seconds = time.perf_counter() - start
+    feats = PrecomputedFeatures(
+        split="train", fingerprint=split_fingerprint(data.splits["train"]), data_config=cdm.data_config,
+        digest=state_digest(model), channels_last=channels_last, indices=tuple(int(i) for i in idx),
+        features=torch.cat(outputs),
+    )
+    return feats, seconds, built.weights_source
+
+
+def rank_backbones(
+    cfg: DictConfig, data: DataSplits, idx: np.ndarray, measured: MeasuredPass | None = None,
+    names: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], PrecomputedFeatures]:
+    """Score every candidate on the sample ``idx`` of ``data``'s train split and choose one.
+
+    Returns:
+        The ``backbones`` entry of the advice (``candidates``, ``chosen``, ``reason``, ``rule``) and
+        the chosen candidate's features of the sample (for the feature cache of the run).
+    """
+    a = cfg.advise
+    labels = np.asarray(data.splits["train"].labels)[idx]
+    rows: list[CandidateScore] = []
+    features: dict[str, PrecomputedFeatures] = {}
+    for name in names if names is not None else candidate_names(cfg):
+        feats, seconds, weights = _run_candidate(cfg, name, data, idx, measured)
+        features[name] = feats
+        rows.append(CandidateScore(
+            name=name, logme=round(logme(feats.features.numpy(), labels), 5),
+            images_per_s=round(len(idx) / max(seconds, 1e-9), 1), image_size=int(feats.data_config["image_size"]),
+            num_features=int(feats.features.shape[1]), weights=weights,
+        ))  # fmt: skip
+    scores = {r.name: r.logme for r in rows}
+    speeds = {r.name: r.images_per_s for r in rows}
+    margin, cost_weight = float(a.get("logme_margin", 0.01)), float(a.get("cost_weight", 0.0))
+    chosen, reason = choose_backbone(scores, speeds, margin=margin, cost_weight=cost_weight)
+    entry = {
+        "candidates": [asdict(r) for r in rows],
+        "chosen": chosen,
+        "reason": reason,
+        "rule": {"logme_margin": margin, "cost_weight": cost_weight, "sample_images": int(len(idx))},
+    }
+    return entry, features[chosen]
