@@ -26,6 +26,7 @@ from finetune.backbones import offline_candidates
 from finetune.data.augment import AUGMENT_PRESETS, AugmentConfig
 from finetune.data.sources import SOURCES
 from finetune.distributed import check_default_run_dir
+from finetune.variants import compared_variants, register_variants
 from finetune.target_config import LinearHeadConfig, MLPHeadConfig, SchedulerConfig, target_config
 from finetune.strategies import STRATEGIES, compared_strategies
 
@@ -191,6 +192,7 @@ class Config:
 
     Attributes:
         recipe: set by each recipe; reported in metrics.json.
+        variant: set by ``+variant=NAME`` (finetune.variants), which also sets the strategy and its knob.
         seed: one seed for weights init, data order, augmentations and the data split.
         cache_features: auto: when the whole backbone is frozen (freeze=head_only) and train images are
             not augmented (augment=none), compute backbone features once and train the head on them;
@@ -227,6 +229,7 @@ class Config:
     advise: AdviseConfig = field(default_factory=AdviseConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     recipe: Optional[str] = None
+    variant: Optional[str] = None
     seed: int = 42
     cache_features: Any = "auto"
     compile: Any = False
@@ -268,9 +271,11 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     # +recipe=compare sweeps ${compared_strategies:}: the registry's, so a new strategy joins the comparison.
     OmegaConf.register_new_resolver("compared_strategies", compared_strategies, replace=True)
+    OmegaConf.register_new_resolver("compared_variants", compared_variants, replace=True)
     # hydra.run.dir is the resumed run's own directory with resume=RUN (checked before Hydra creates it), else a new one.
     OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
     cs.store(name="base_config", node=Config)
+    register_variants(cs)  # +variant=NAME: a strategy with at most one of l2sp, ema, wise_ft
     for name in BACKBONES:
         cs.store(group="backbone", name=name, node=BackboneConfig(name=name))
     for name, source in SOURCES.items():
