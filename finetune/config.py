@@ -205,7 +205,7 @@ class Config:
         calibrate: fit temperature scaling (Guo et al. 2017) on the val split at the end of the run and store
             it in the checkpoints, so predict and evaluate give calibrated probabilities (docs/calibration.md).
         ema: an exponential moving average of the weights, evaluated and checkpointed in their place
-            (``ema.decay=0.998``; finetune.callbacks.ema, docs/weight-averaging.md); off by default.
+            (``ema.decay=0.999``; finetune.callbacks.ema, docs/weight-averaging.md); off by default.
         wise_ft: WiSE-FT at the end of the run: the chosen (on val) interpolation between its start (pretrained
             backbone, probe head) and its end is what it evaluates (docs/weight-averaging.md).
         resume: a run directory to continue from its checkpoints/last.ckpt, with that run's own config.
