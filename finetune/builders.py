@@ -13,13 +13,17 @@ from typing import Any, Mapping, Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.budget import run_budget_s
+from finetune.callbacks.budget_planner import BudgetPlanner
 from finetune.callbacks.ema import ema_from_config
 from finetune.checkpoint_io import AtomicCheckpointIO
+from finetune.config import OptimConfig
 from finetune.data import ImageDataModule
-from finetune.distributed import check_script_launcher
 from finetune.data.augment import mixing_options
+from finetune.distributed import check_script_launcher
 from finetune.errors import FineTuneError
 from finetune.features import FeatureDataModule, PrecomputedFeatures, resolve_cache_features
+from finetune.lr_find import FIND, FindLR, check_lr
 from finetune.module import FineTuneModule
 
 __all__ = [
@@ -58,6 +62,8 @@ def check_run_config(cfg: DictConfig) -> None:
         raise FineTuneError(f"unknown config key(s) {', '.join(unknown)}: nothing reads them{hint}")
     if cfg.evaluate not in _EVALUATE:
         raise FineTuneError(f"evaluate must be one of {', '.join(_EVALUATE)}, got '{cfg.evaluate}'")
+    check_lr(cfg.optim.lr)
+    run_budget_s(cfg)  # budget=abc, -1, 0s: one line here, before anything slow
     ema_from_config(cfg.get("ema"))  # a bad ema.decay stops the run here
     callbacks = {k: v for k, v in (_plain(cfg.callbacks) or {}).items() if v}
     targets = [str(v.get("_target_", "")) for v in callbacks.values()]
@@ -110,7 +116,7 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> FineTuneModule:
         weights=b.weights,
         freeze=_plain(cfg.freeze),
         head=_plain(cfg.head),
-        lr=o.lr,
+        lr=OptimConfig.lr if o.lr == FIND else o.lr,  # optim.lr=find: FindLR replaces it before the first step
         backbone_lr_mult=o.backbone_lr_mult,
         layer_decay=o.layer_decay,
         weight_decay=o.weight_decay,
@@ -169,6 +175,13 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     return [_instantiate(f"logger.{k}", v, run_dir) for k, v in node.items() if v is not None]
 
 
+def _run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """What ``optim.lr=find`` and ``budget=`` add: the LR finder (first: its test runs before the others start
+    their clocks) and the budget's planner."""
+    budget_s = run_budget_s(cfg)
+    return [*([FindLR()] if cfg.optim.lr == FIND else []), *([BudgetPlanner(budget_s)] if budget_s else [])]
+
+
 def _has_progress_bar(callbacks: Sequence[Any]) -> bool:
     from pytorch_lightning.callbacks.progress.progress_bar import ProgressBar
 
@@ -181,7 +194,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> pl.Trainer:
     kwargs: dict[str, Any] = _plain(cfg.trainer)
     # Checkpoints written beside their target and renamed: a kill never leaves a partial last.ckpt.
     plugins = [AtomicCheckpointIO(), *(kwargs.pop("plugins", None) or [])]
-    callbacks = build_callbacks(cfg, run_dir)
+    callbacks = [*_run_callbacks(cfg), *build_callbacks(cfg, run_dir)]
     if kwargs.get("enable_progress_bar", True) and not _has_progress_bar(callbacks) and not sys.stdout.isatty():
         # TQDM's redraws become one line per step in a pipe or a log file: one line per epoch there instead.
         from finetune.callbacks.epoch_line import EpochLine

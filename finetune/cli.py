@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from finetune.advise import follow_advice
+from finetune.budget import budget_clock
 from finetune.compare import write_failure
 from finetune.config import CONF_DIR, compose, register_configs
 from finetune.command import hold_errors, run_app
@@ -50,7 +51,8 @@ def _main(cfg: DictConfig) -> float | None:
             run_dir = Path(cfg.resume)
         # Nothing is written before the directory is ours: another run may hold it, or a finished one.
         check_launch(in_sweep)
-        with claim_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume)):
+        # budget=: the clock starts before the advice; a bad budget is refused before it.
+        with claim_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume)), budget_clock(cfg.get("budget")):
             if not cfg.resume and is_launch_rank_zero():
                 _save_hydra_files(run_dir, cfg)
             if cfg.recipe == "auto":
@@ -89,7 +91,8 @@ def run_job(overrides: Sequence[str], run_dir: str | Path) -> dict[str, Any]:
     cfg = compose(overrides)
     precomputed, extra = [], None
     if cfg.recipe == "auto":
-        with claim_run_dir(run_dir, cfg.overwrite):  # held through train(): the advice writes first
+        # held through train(): the advice writes first
+        with claim_run_dir(run_dir, cfg.overwrite), budget_clock(cfg.get("budget")):
             cfg, extra, precomputed = follow_advice(cfg, list(overrides), run_dir)
             return train(cfg, run_dir, precomputed, extra)
     return train(cfg, run_dir, precomputed, extra)

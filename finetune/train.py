@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.budget import budget_clock
 from finetune.builders import build_datamodule, build_fit_datamodule, build_module, build_trainer, check_run_config
 from finetune.callbacks import RunRecorder, best_checkpoint
 from finetune.distributed import is_launch_rank_zero
@@ -47,7 +48,7 @@ def train(
     if cfg.recipe == "auto":
         raise FineTuneError("recipe auto is resolved by finetune.advise.follow_advice (the CLI does it) before train()")
     check_run_config(cfg)
-    with claim_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume)) as run_dir:
+    with claim_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume)) as run_dir, budget_clock(cfg.get("budget")):
         return _train(cfg, run_dir, precomputed, extra)
 
 

@@ -1,0 +1,258 @@
+"""The callback that fits a run to its time budget (``budget=10m``): measure, plan, stop on time.
+
+At ``setup("fit")``, before Lightning asks the module for its optimizer and LR schedule, it times a
+few training steps and validation batches on the real data and device (on the module itself, whose
+weights, buffers, trainable set and RNG states are put back afterwards), plans the epochs with
+:func:`finetune.budget.plan_epochs`, and sets ``max_epochs`` and ``limit_train_batches`` on the trainer:
+``estimated_stepping_batches`` then gives the schedule its planned length. A Lightning ``Timer`` is
+the safety net only (the budget plus 10%, less what the end of the run needs). ``metrics.json`` gets
+``budget``: the plan, the figures it came from, and ``took_s``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from datetime import timedelta
+from typing import Any, Iterable
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, Timer
+from pytorch_lightning.utilities.seed import isolate_rng
+
+from finetune.budget import OVERRUN, BudgetPlan, clock_elapsed, format_seconds, plan_epochs
+from finetune.errors import FineTuneError
+
+__all__ = ["BudgetPlanner", "Timings"]
+
+
+def _limited(n: int, limit: Any) -> int:
+    """Batches Lightning runs of ``n`` under ``limit_*_batches`` (an int: at most; a float: a fraction)."""
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(n, limit)
+    return n if limit is None or float(limit) >= 1.0 else int(n * float(limit))
+
+
+class Timings:
+    """Seconds measured on the run's own module, data and device."""
+
+    def __init__(self) -> None:
+        self.batch_s: dict[int, float] = {}  # epoch whose trainable set was timed -> seconds per training batch
+        self.train_startup_s = 0.0
+        self.eval_batch_s = 0.0
+        self.eval_startup_s = 0.0
+        self.checkpoint_s = 0.0
+        self.seconds = 0.0  # the measuring itself
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(loader: Iterable[Any], n: int) -> Iterable[tuple[Any, float, bool]]:
+    """``n`` batches (the loader restarted as often as needed), each with its fetch time and whether it restarted."""
+    it, restarted = iter(loader), False
+    for _ in range(n):
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it, restarted = iter(loader), True
+            t = time.perf_counter()
+            batch = next(it)
+        yield batch, time.perf_counter() - t, restarted
+        restarted = False
+
+
+def _time_training(trainer: pl.Trainer, module: Any, loader: Iterable[Any], warmup: int, timed: int) -> tuple[float, float]:
+    """Seconds per training batch (data wait included) after ``warmup`` steps, and the loader's start-up seconds."""
+    from hydra.utils import instantiate
+
+    device = trainer.strategy.root_device
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = instantiate(dict(module.hparams.optimizer), _convert_="all")(params, lr=0.0)
+    module.train()
+    fetch: list[float] = []
+    compute: list[float] = []
+    first = 0.0
+    for i, (batch, fetched, restarted) in enumerate(_batches(loader, warmup + timed)):
+        t = time.perf_counter()
+        x, y = batch[0].to(device), batch[1].to(device)
+        with trainer.precision_plugin.forward_context():
+            loss = module.criterion(module(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        if i == 0:
+            first = fetched
+        if i >= warmup:
+            compute.append(time.perf_counter() - t)
+            if not restarted:
+                fetch.append(fetched)
+    optimizer.zero_grad(set_to_none=True)
+    wait = sum(fetch) / len(fetch) if fetch else 0.0
+    return sum(compute) / len(compute) + wait, max(0.0, first - wait)
+
+
+@torch.no_grad()
+def _time_eval(trainer: pl.Trainer, module: Any, loader: Iterable[Any], timed: int) -> tuple[float, float]:
+    device = trainer.strategy.root_device
+    module.eval()
+    times: list[float] = []
+    first = 0.0
+    for i, (batch, fetched, _) in enumerate(_batches(loader, 1 + timed)):
+        t = time.perf_counter()
+        with trainer.precision_plugin.forward_context():
+            module(batch[0].to(device))
+        _sync(device)
+        if i == 0:
+            first = fetched
+        else:
+            times.append(fetched + time.perf_counter() - t)
+    per = sum(times) / len(times) if times else 0.0
+    return per, max(0.0, first - per)
+
+
+def measure(trainer: pl.Trainer, module: Any, epochs_to_time: Iterable[int], warmup: int = 2, timed: int = 5) -> Timings:
+    """Time training steps (for each trainable set in ``epochs_to_time``), evaluation batches and a checkpoint.
+
+    The module is left as it was: weights and buffers (BatchNorm statistics), trainable set, train mode and
+    every RNG (so the run trains as it would have without the measurement).
+    """
+    start = time.perf_counter()
+    dm = trainer.datamodule
+    out = Timings()
+    module.to(trainer.strategy.root_device)  # Lightning moves it only after setup; a GPU run is timed on the GPU
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    try:
+        with isolate_rng():
+            train_loader = dm.train_dataloader()
+            for epoch in epochs_to_time:
+                module.apply_freeze(epoch)
+                out.batch_s[epoch], startup = _time_training(trainer, module, train_loader, warmup, timed)
+                out.train_startup_s = max(out.train_startup_s, startup)
+            out.eval_batch_s, out.eval_startup_s = _time_eval(trainer, module, dm.val_dataloader(), timed)
+            t = time.perf_counter()
+            torch.save(module.state_dict(), io.BytesIO())
+            out.checkpoint_s = time.perf_counter() - t
+    finally:
+        module.load_state_dict(saved)
+        module.apply_freeze(0)
+        module.train()
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _start_epochs(module: Any) -> tuple[int | None, int]:
+    """First epoch in which the backbone trains (None: never), and the epoch from which the trainable set is final."""
+    plan = module.freeze_plan
+    starts = [plan.group_start_epoch(n) for n in plan.start_epoch]
+    finite = [s for s in starts if s is not None]
+    return (min(finite) if finite else None), (max(finite) if finite else 0)
+
+
+class BudgetPlanner(Callback):
+    """Plan ``max_epochs`` and ``limit_train_batches`` of a fit so that the run ends within ``budget_s``.
+
+    Args:
+        budget_s: seconds the whole run may take, counted from :func:`finetune.budget.budget_clock`.
+        warmup_steps: training steps not timed (allocation, cuDNN autotuning, ``torch.compile``).
+        timed_steps: training steps (and validation batches) timed.
+    """
+
+    def __init__(self, budget_s: float, warmup_steps: int = 2, timed_steps: int = 5) -> None:
+        self.budget_s = float(budget_s)
+        self.warmup_steps = warmup_steps
+        self.timed_steps = timed_steps
+        self.plan: BudgetPlan | None = None
+        self.report: dict[str, Any] = {}
+
+    def _counts(self, trainer: pl.Trainer) -> tuple[int, int, int]:
+        dm = trainer.datamodule
+        images = getattr(dm, "images", dm)
+        train = _limited(len(dm.train_dataloader()), trainer.limit_train_batches)
+        val = _limited(len(dm.val_dataloader()), trainer.limit_val_batches)
+        test = 0
+        if getattr(dm, "has_test", False):
+            test = _limited(math.ceil(len(images.data.splits["test"]) / dm.batch_size), trainer.limit_test_batches)
+        return train, val, test
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.ckpt_path:
+            raise FineTuneError("budget= plans a run from its start; a resumed run keeps the epochs it was given "
+                                "(resume without budget=, or start a new run)")
+        first_backbone, final = _start_epochs(pl_module)
+        dynamic = pl_module.strategy.is_dynamic
+        timings = measure(trainer, pl_module, sorted({0, final}) if dynamic else [0], self.warmup_steps,
+                          self.timed_steps)
+        train_b, val_b, test_b = self._counts(trainer)
+        val_pass = timings.eval_startup_s + val_b * timings.eval_batch_s
+        calibrates = any(getattr(c, "enabled", False) and type(c).__name__ == "CalibrateTemperature"
+                         for c in trainer.callbacks)
+        end = {
+            "final_validation": val_pass,
+            "calibration": 2 * val_pass if calibrates else 0.0,
+            "test": (timings.eval_startup_s + test_b * timings.eval_batch_s) if test_b else 0.0,
+            "checkpoints": 3 * timings.checkpoint_s,
+            "sanity_check": min(val_b, trainer.num_sanity_val_steps or 0) * timings.eval_batch_s,
+        }
+        images = getattr(trainer.datamodule, "images", None)
+        if images is not None and images.has_test:  # cached features: the test split is still to extract
+            per_image = trainer.datamodule.extraction_time_s / max(1, sum(
+                len(images.data.splits[s]) for s in ("train", "val")) - trainer.datamodule.reused_features)
+            end["test_feature_extraction"] = per_image * len(images.data.splits["test"])
+        finder = next((c for c in trainer.callbacks if hasattr(c, "reserve_s")), None)
+        if finder is not None:
+            end["lr_find"] = finder.reserve_s(timings.batch_s[0], train_b, timings.train_startup_s + val_pass)
+        spent = clock_elapsed() or timings.seconds
+        whole = dynamic
+        min_epochs = 1 + first_backbone if dynamic and first_backbone is not None else 1
+
+        def batch_s(epoch: int) -> float:
+            # An unfreezing strategy: head-only epochs at their own cost, the rest at the final trainable set's.
+            return timings.batch_s[0] if not dynamic or pl_module.freeze_plan.backbone_frozen_at(epoch) else \
+                timings.batch_s[final]
+
+        overhead = timings.train_startup_s + val_pass + 2 * timings.checkpoint_s
+        end_s = sum(end.values())
+        self.plan = plan_epochs(
+            self.budget_s, train_b, batch_s, overhead, spent, end_s, whole, min_epochs,
+            accumulate=trainer.accumulate_grad_batches,
+            reserved={"before_training": spent, "measuring": timings.seconds, **end},
+        )
+        trainer.fit_loop.max_epochs = self.plan.epochs
+        trainer.limit_train_batches = self.plan.batches_per_epoch
+        allowed = self.budget_s * (1 + OVERRUN) - spent - end_s
+        trainer.callbacks.append(Timer(duration=timedelta(seconds=max(1.0, allowed)), interval="step"))
+        self.report = {"budget": format_seconds(self.budget_s), **self.plan.to_dict(),
+                       "measured": {"train_batch_s": {str(k): round(v, 4) for k, v in timings.batch_s.items()},
+                                    "eval_batch_s": round(timings.eval_batch_s, 4),
+                                    "loader_startup_s": round(timings.train_startup_s, 3),
+                                    "checkpoint_s": round(timings.checkpoint_s, 3)}}
+        self._publish(trainer)
+        print(f"budget {format_seconds(self.budget_s)}: {self.plan.epochs} epochs of {self.plan.batches_per_epoch} "
+              f"batches ({self.plan.steps} steps at {self.plan.step_s:.3f}s), {spent:.0f}s spent, "
+              f"{end_s:.0f}s kept for evaluation", flush=True)
+
+    def _publish(self, trainer: pl.Trainer) -> None:
+        from finetune.callbacks.run_recorder import RunRecorder
+
+        for c in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(c, RunRecorder):
+                c.results["budget"] = self.report
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.report:
+            self.report["epochs_trained"] = trainer.current_epoch
+            self.report["stopped_by_timer"] = trainer.current_epoch < (self.plan.epochs if self.plan else 0)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # After fit, validate and test: the last one before metrics.json is written has the final figure.
+        if self.report:
+            self.report["took_s"] = round(clock_elapsed(), 2)

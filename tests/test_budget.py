@@ -1,0 +1,133 @@
+"""budget=: parsing, the plan from made-up step times, and a run that trains exactly what was planned."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from finetune.budget import format_seconds, images_in_budget, parse_budget, plan_epochs
+from finetune.builders import check_run_config
+from finetune.config import compose
+from finetune.errors import FineTuneError
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("600", 600),
+                                          ("2.5m", 150), (None, None), ("null", None)])
+def test_parse_budget(text: str | None, seconds: float | None) -> None:
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["-1", "abc", "0s", "0", "10x", "m"])
+def test_bad_budget_is_one_line_before_anything_runs(text: str) -> None:
+    with pytest.raises(FineTuneError) as e:
+        check_run_config(compose([f"budget={text}"]))
+    assert "\n" not in str(e.value) and "budget" in str(e.value)
+
+
+def test_bad_budget_exits_2_from_the_command(tmp_path: Path) -> None:
+    r = run_cli(["budget=-1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "error: budget must be more than zero, got '-1'"
+
+
+def test_plan_fills_the_budget_without_passing_it() -> None:
+    # 10 batches an epoch at 1 s, 2 s per epoch of validation and checkpoints, 10 s spent, 5 s for the end.
+    plan = plan_epochs(100, 10, lambda e: 1.0, 2.0, spent_s=10, end_s=5, whole_epochs=False)
+    assert plan.predicted_total_s <= 100 * 0.95
+    # Whole epochs would stop at 6 (72 s of 80); a 7th, shorter epoch each buys more steps.
+    assert (plan.epochs, plan.batches_per_epoch, plan.steps) == (7, 9, 63)
+    # One more batch per epoch would not fit.
+    assert 10 + 5 + plan.epochs * (plan.batches_per_epoch + 1 + 2.0) > 95
+    whole = plan_epochs(100, 10, lambda e: 1.0, 2.0, spent_s=10, end_s=5, whole_epochs=True)
+    assert (whole.epochs, whole.batches_per_epoch, whole.steps) == (6, 10, 60)
+
+
+def test_plan_counts_cheaper_head_only_epochs_and_accumulation() -> None:
+    # lp_ft: two head-only epochs at 0.2 s per batch, then 1 s per batch.
+    plan = plan_epochs(60, 10, lambda e: 0.2 if e < 2 else 1.0, 1.0, spent_s=0, end_s=0, whole_epochs=True,
+                       min_epochs=3, accumulate=2)
+    assert plan.epochs == 6  # 3 + 3 + 4 x 11 = 50 s of 57; a 7th would need 61
+    assert plan.steps == 6 * 5
+
+
+def test_too_small_a_budget_names_the_smallest_that_works() -> None:
+    with pytest.raises(FineTuneError) as e:
+        plan_epochs(20, 10, lambda e: 1.0, 2.0, spent_s=10, end_s=5, whole_epochs=False)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("budget=20s is too small: one epoch")
+    smallest = re.search(r"smallest budget that would work is budget=(\S+)$", message).group(1)
+    assert plan_epochs(parse_budget(smallest), 10, lambda e: 1.0, 2.0, 10, 5, False).epochs == 1
+    with pytest.raises(FineTuneError):
+        plan_epochs(parse_budget(smallest) - 1, 10, lambda e: 1.0, 2.0, 10, 5, False)
+
+
+def test_format_and_images_in_budget() -> None:
+    assert format_seconds(5400) == "1h30m" and format_seconds(130.2) == "2m11s"
+    assert images_in_budget(600, 0.004, reserve_s=60) == 127_500
+
+
+def _fake_timings(batch_s: float):  # noqa: ANN202
+    from finetune.callbacks.budget_planner import Timings
+
+    def measure(trainer, module, epochs, *args):  # noqa: ANN001, ANN202
+        t = Timings()
+        t.batch_s = {e: batch_s for e in epochs}
+        t.eval_batch_s, t.checkpoint_s, t.seconds = 0.1, 0.1, 1.0
+        return t
+
+    return measure
+
+
+def test_a_run_trains_the_planned_epochs_and_its_schedule_ends_on_time(
+    make_folder: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step times made up (10 s a batch, 5 s already spent): slower than any real step of this tiny model, so the
+    plan is known whatever the machine's load and the safety-net Timer never fires."""
+    import finetune.callbacks.budget_planner as bp
+    from finetune.builders import build_datamodule, build_fit_datamodule, build_module, build_trainer
+
+    monkeypatch.setattr(bp, "measure", _fake_timings(10.0))
+    monkeypatch.setattr(bp, "clock_elapsed", lambda: 5.0)
+    root = make_folder(classes=2, per_class=8)
+    cfg = compose(["backbone.name=test_resnet", "backbone.pretrained=false", "data=folder", f"data.root={root}",
+                   "data.image_size=32", "data.batch_size=4", "data.val_fraction=0.25", "trainer.max_epochs=50",
+                   "trainer.enable_progress_bar=false", "calibrate=false", "budget=5m"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dm = build_datamodule(cfg)
+    model = build_module(cfg, dm)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(model, datamodule=build_fit_datamodule(cfg, dm, model))
+    planner = next(c for c in trainer.callbacks if isinstance(c, bp.BudgetPlanner))
+    plan = planner.plan
+    assert plan.epochs > 1 and plan.predicted_total_s <= 300 * 0.95
+    assert trainer.current_epoch == plan.epochs and trainer.global_step == plan.steps
+    # The schedule was built for the planned length: cosine is at zero after the last step.
+    head_lr = trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+    assert head_lr < 1e-6 * cfg.optim.lr
+    assert planner.report["steps"] == plan.steps and planner.report["budget"] == "5m"
+
+
+def test_budget_in_metrics_json(make_folder: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import finetune.callbacks.budget_planner as bp
+    from finetune.train import train
+
+    monkeypatch.setattr(bp, "measure", _fake_timings(2.0))
+    monkeypatch.setattr(bp, "clock_elapsed", lambda: 5.0)
+    root = make_folder(classes=2, per_class=8)
+    cfg = compose(["backbone.name=test_resnet", "backbone.pretrained=false", "data=folder", f"data.root={root}",
+                   "data.image_size=32", "data.batch_size=4", "data.val_fraction=0.25",
+                   "trainer.enable_progress_bar=false", "calibrate=false", "budget=3s"])
+    with pytest.raises(FineTuneError, match=r"budget=3s is too small: .* the smallest budget that would work is budget="):
+        train(cfg, tmp_path / "small")
+    cfg.budget = "1m"
+    metrics = train(cfg, tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["budget"]["epochs_trained"] == metrics["epochs"] >= 1
+    assert 0 < written["budget"]["took_s"] and set(written["budget"]["reserved_s"]) >= {"before_training", "test"}
