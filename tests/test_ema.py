@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,13 @@ def test_a_decay_outside_0_1_is_a_one_line_error(tmp_path: Path, cli, value: str
     r = cli([f"ema.decay={value}"], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == f"error: ema.decay must be in (0, 1), got {shown}", r.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+
+def test_the_callback_pickles_for_ddp_spawn() -> None:
+    # Lightning's own EMAWeightAveraging holds a closure (get_ema_avg_fn) and cannot be pickled.
+    copy = pickle.loads(pickle.dumps(EMA(decay=0.95, use_warmup=False)))
+    assert copy.update.decay_at(10) == 0.95 and copy._kwargs["multi_avg_fn"] is copy.update
 
 
 class _SameOnEveryRank(pl.Callback):
