@@ -39,6 +39,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _best_run(root: Path, runs: Sequence[Run], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A note naming the run with the best val accuracy and the checkpoint it evaluated: a search's answer."""
+    done = [(run, row) for run, row in zip(runs, rows) if row["status"] == "ok" and row["val_acc"] != ""]
+    if len(done) < 2:
+        return []
+    run, row = max(done, key=lambda pair: float(pair[1]["val_acc"]))
+    best = run.metrics.get("best_checkpoint") if run.metrics.get("evaluated") == "best" else None
+    ckpt = Path(best) if best else run.path / "checkpoints" / "last.ckpt"
+    shown = ckpt.relative_to(root) if ckpt.is_relative_to(root) else ckpt
+    return [f"Best val accuracy: run {run.name} ({100 * float(row['val_acc']):.2f}%), checkpoint `{shown}`."]
+
+
 def write_report(root: str | Path, soup: bool = False) -> dict[str, Path]:
     """Write ``comparison.csv``, ``comparison.md`` and ``comparison.png`` into ``root``.
 
@@ -57,6 +69,7 @@ def write_report(root: str | Path, soup: bool = False) -> dict[str, Path]:
 
         row, notes = soup_row(root, runs, columns)
         rows.append(row)
+    notes = [*_best_run(root, runs, rows), *notes]
     out = {"csv": root / "comparison.csv", "md": root / "comparison.md", "png": root / "comparison.png"}
     out["csv"].write_text(csv_text(columns, rows))
     out["md"].write_text(markdown(columns, rows, shared_settings(runs), notes))
