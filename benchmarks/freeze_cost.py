@@ -1,4 +1,4 @@
-"""Cost follows the freeze: training images/s and peak memory of freeze strategies, side by side,
+"""Cost follows the freeze: training images/s, step time and memory of freeze strategies, side by side,
 and the speed-up the course's cost model predicts (finetune.layer_size.freeze_cost) beside the measured one.
 
     python benchmarks/freeze_cost.py [--backbone tf_efficientnet_lite0] [--image-size 224] [--batch-size 16]
@@ -18,6 +18,17 @@ layer, 3x from it on (forward, and the two products of backward), and for the ca
 backbone's 1x once, spread over ``--epochs``. ``predicted x none`` is none's count over the
 strategy's; ``measured x none`` the ratio of images/s. Where they differ, the clock is paying for
 something other than multiply-adds (docs/performance-size.md).
+
+``bitfit``, ``norm`` and ``lora`` train parameters spread through the whole network: backward runs
+through every layer, but computes weight gradients only for biases, norms or the adapters. The
+connection count (1x before the first trainable layer, 3x from it) has no term for that, so their
+prediction is left out ("n/a") and only what was measured is shown.
+
+Memory, per strategy: ``peak MiB`` is the device's peak during the run (GPU: torch.cuda.max_memory_allocated;
+CPU: the process's peak RSS, ru_maxrss, which includes Python, torch and the model); ``train MiB`` is that peak
+less what was in use just before the first training step (the built model and optimizer, no state yet):
+activations kept for backward, gradients, optimizer state. On CPU, ru_maxrss is the lifetime peak, so a
+model build that peaked higher than training would make ``train MiB`` a lower bound (it is then flagged).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import queue
 import resource
 import time
 from pathlib import Path
@@ -34,8 +46,13 @@ STRATEGIES = {
     "head_only (cached)": {"name": "head_only", "cached": True},
     "head_only": {"name": "head_only"},
     "top_stages(n=2)": {"name": "top_stages", "n": 2},
+    "bitfit": {"name": "bitfit"},
+    "norm": {"name": "norm"},
+    "lora": {"name": "lora"},  # peft's defaults of finetune.lora (r=8); needs the lora extra
     "none": {"name": "none"},
 }
+# Their trainable parameters sit in every layer: the connection-based prediction does not model them.
+NO_PREDICTION = {"bitfit", "norm", "lora"}
 
 
 def _rss_mib() -> float:
@@ -83,12 +100,19 @@ def _measure(args: argparse.Namespace, freeze: dict, queue: mp.Queue) -> None:
             for f in feats:
                 step(f)
 
+    # What is in use before the first step: the built model and optimizer (its state is created lazily).
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mib()
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(args.warmup):
         step()
     base_rss = _rss_mib()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if cached:
         cached_run()
@@ -103,10 +127,15 @@ def _measure(args: argparse.Namespace, freeze: dict, queue: mp.Queue) -> None:
         if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
+    steps = (args.epochs if cached else 1) * args.steps
     queue.put(
         {
-            "images_per_s": (args.epochs if cached else 1) * args.steps * args.batch_size / elapsed,
+            "images_per_s": steps * args.batch_size / elapsed,
+            "ms_per_step": 1000 * elapsed / steps,
             "peak_memory_mib": peak,
+            "train_memory_mib": peak - base,
+            # CPU: ru_maxrss had already passed the training peak before the first step (a lower bound then).
+            "train_memory_lower_bound": device.type != "cuda" and peak_before >= peak,
             "rss_before_timing_mib": base_rss,
             "trainable_params": m.trainable_params(),
             "predicted_macs_per_image": cost.macs_per_image(args.epochs if cached else 1),
@@ -115,6 +144,16 @@ def _measure(args: argparse.Namespace, freeze: dict, queue: mp.Queue) -> None:
             "threads": torch.get_num_threads(),
         }
     )
+
+
+def _result(label: str, proc: mp.process.BaseProcess, q: mp.Queue) -> dict:
+    """The child's measurement; an error if it died without one (else ``q.get()`` would wait forever)."""
+    while True:
+        try:
+            return q.get(timeout=10)
+        except queue.Empty:
+            if not proc.is_alive():
+                raise SystemExit(f"{label}: the measuring process exited with code {proc.exitcode} and no result")
 
 
 def main() -> None:
@@ -137,7 +176,7 @@ def main() -> None:
         q: mp.Queue = ctx.Queue()
         proc = ctx.Process(target=_measure, args=(args, freeze, q))
         proc.start()
-        results[label] = q.get()
+        results[label] = _result(label, proc, q)
         proc.join()
 
     ref = results["none"]
@@ -146,14 +185,21 @@ def main() -> None:
           f"channels_last={args.channels_last}, {'pretrained' if args.pretrained else 'random'} weights")
     mem_label = "peak GPU MiB" if ref["device"].startswith("cuda") else "peak RSS MiB"
     print(f"{'strategy':<20} {'trainable':>12} {'MACs/image':>14} {'predicted x none':>17} {'images/s':>10} "
-          f"{'measured x none':>16} {mem_label:>14} {'x none':>8}")
+          f"{'ms/step':>9} {'measured x none':>16} {mem_label:>13} {'train MiB':>10} {'x none':>7}")
     for label, r in results.items():
         r["speed_vs_none"] = r["images_per_s"] / ref["images_per_s"]
-        r["predicted_speed_vs_none"] = ref["predicted_macs_per_image"] / r["predicted_macs_per_image"]
+        predicted = label not in NO_PREDICTION
+        r["predicted_speed_vs_none"] = ref["predicted_macs_per_image"] / r["predicted_macs_per_image"] if predicted else None
         r["memory_vs_none"] = r["peak_memory_mib"] / ref["peak_memory_mib"]
-        print(f"{label:<20} {r['trainable_params']:>12,} {r['predicted_macs_per_image']:>14,.0f} "
-              f"{r['predicted_speed_vs_none']:>17.2f} {r['images_per_s']:>10.1f} {r['speed_vs_none']:>16.2f} "
-              f"{r['peak_memory_mib']:>14.0f} {r['memory_vs_none']:>8.2f}")
+        r["train_memory_vs_none"] = r["train_memory_mib"] / ref["train_memory_mib"]
+        macs = f"{r['predicted_macs_per_image']:>14,.0f}" if predicted else f"{'n/a':>14}"
+        speed = f"{r['predicted_speed_vs_none']:>17.2f}" if predicted else f"{'n/a':>17}"
+        train_mib = f"{r['train_memory_mib']:.0f}" + ("+" if r["train_memory_lower_bound"] else "")
+        print(f"{label:<20} {r['trainable_params']:>12,} {macs} {speed} {r['images_per_s']:>10.1f} "
+              f"{r['ms_per_step']:>9.0f} {r['speed_vs_none']:>16.2f} {r['peak_memory_mib']:>13.0f} "
+              f"{train_mib:>10} {r['train_memory_vs_none']:>7.2f}")
+    if any(r["train_memory_lower_bound"] for r in results.values()):
+        print("train MiB with +: the process had peaked higher before training (ru_maxrss), a lower bound")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
