@@ -11,10 +11,10 @@ the safety net only (the budget plus 10%, less what the end of the run needs). `
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterable
 
 import pytorch_lightning as pl
@@ -136,8 +136,13 @@ def measure(trainer: pl.Trainer, module: Any, epochs_to_time: Iterable[int], war
                 out.batch_s[epoch], startup = _time_training(trainer, module, train_loader, warmup, timed)
                 out.train_startup_s = max(out.train_startup_s, startup)
             out.eval_batch_s, out.eval_startup_s = _time_eval(trainer, module, dm.val_dataloader(), timed)
+            # A real file beside the run's checkpoints (a BytesIO misses the disk: digits head_only, 0.09 s vs ~1 s).
+            path = Path(trainer.default_root_dir) / "budget-probe.pt"
             t = time.perf_counter()
-            torch.save(module.state_dict(), io.BytesIO())
+            try:
+                torch.save({"state_dict": module.state_dict()}, path)
+            finally:
+                path.unlink(missing_ok=True)
             out.checkpoint_s = time.perf_counter() - t
     finally:
         module.load_state_dict(saved)
