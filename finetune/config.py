@@ -131,7 +131,7 @@ class EmaConfig:
     Attributes:
         decay: the EMA's decay per update, in (0, 1); None: off.
         use_warmup: timm ModelEmaV3's warmup: update t uses ``min(decay, 1 - (1 + t) ** -warmup_power)``, so a
-            short run (digits: 40 steps an epoch) is not averaged mostly from its first steps' weights.
+            short run (digits: 20 steps an epoch) is not averaged mostly from its first steps' weights.
         warmup_power: timm's ``warmup_power``: 2/3 reaches 0.99 after 1,000 updates, 0.999 after 31,600.
         update_every_n_steps: update after every n-th optimizer step (Lightning's ``EMAWeightAveraging``).
     """
