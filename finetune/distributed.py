@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch.utils.data import Sampler
 
 from finetune.errors import FineTuneError
 
 __all__ = [
-    "check_default_run_dir", "check_launch", "check_script_launcher", "is_launch_rank_zero", "launched_processes",
-    "shard_order",
+    "check_default_run_dir", "check_launch", "check_script_launcher", "gather_strided", "is_launch_rank_zero",
+    "launched_processes", "process_group_rank", "shard_order",
 ]
 
 # Every variable a launcher sets to place a process; global rank 0 is the process where each one present is 0.
@@ -111,3 +112,40 @@ def shard_order(sampler: Sampler[int], trainer: Any) -> Sampler[int]:
 
     # A DistributedSampler already: Lightning leaves it as it is. Not divisible: the first items pad the last batch.
     return DistributedSamplerWrapper(sampler, num_replicas=world, rank=trainer.global_rank, shuffle=False)
+
+
+def process_group_rank() -> tuple[int, int]:
+    """``(rank, world size)`` in torch.distributed's default group; ``(0, 1)`` where none is set up.
+
+    Read from the group, not the trainer: after ``ddp_spawn`` the main process's trainer still says
+    2 devices, but it has no group to gather with.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_strided(rows: torch.Tensor, n: int, device: torch.device | str = "cpu", chunk: int = 8192) -> torch.Tensor:
+    """Every rank's ``rows`` (rank ``r`` holds items ``r, r + world, ...`` of ``n``) as one ``(n, ...)`` CPU table.
+
+    Gathered ``chunk`` rows per rank at a time, on ``device`` (NCCL gathers CUDA tensors only), so the
+    device holds ``world x chunk`` rows, not the table. Shards differ by at most one row: the shorter
+    are padded, and the padding dropped.
+    """
+    import torch.distributed as dist
+
+    rank, world = process_group_rank()
+    if world == 1:
+        return rows
+    m = -(-n // world)  # the longest shard
+    padded = rows.new_zeros((m, *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    parts = []
+    for start in range(0, m, chunk):
+        mine = padded[start:start + chunk].to(device)
+        out = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(out, mine)
+        parts.append(torch.stack([o.cpu() for o in out], dim=1))  # (rows, world, ...): row j of rank r is item j*world+r
+    return torch.cat(parts).flatten(0, 1)[:n]

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from finetune.data.datamodule import ImageDataModule, SplitLoaders
 from finetune.data.sources import Split
+from finetune.distributed import gather_strided, process_group_rank
 from finetune.errors import FineTuneError
 from finetune.module import FineTuneModule
 
@@ -186,10 +187,18 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
     @torch.no_grad()
     def _extract(self, split: str, digest: str) -> TensorDataset:
         dataset = self.images.datasets[split]
+        n = len(dataset)
+        # Under DDP each rank extracts every world-th image and the rows are gathered: each rank's sampler takes
+        # its share of a new shuffle of the whole split every epoch, so each needs every row, not a fixed shard.
+        rank, world = process_group_rank()
+        if n < world:  # a rank would have nothing (so no row width to gather with): each extracts all
+            rank, world = 0, 1
         known, known_rows = self._usable(split, digest)
-        is_known = torch.zeros(len(dataset), dtype=torch.bool)
-        is_known[known] = True
-        todo = (~is_known).nonzero().flatten().tolist()
+        row_of = torch.full((n,), -1, dtype=torch.long)
+        row_of[known] = torch.arange(len(known))
+        mine = torch.arange(rank, n, world)
+        have = row_of[mine] >= 0
+        todo = mine[~have].tolist()
         feats: list[torch.Tensor] = []
         start = time.perf_counter()
         if todo:
@@ -202,15 +211,17 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
                 for x, _ in loader:
                     feats.append(self.module.forward_features(x.to(self.module.device)).float().cpu())
             self.module.train(self.module.training)  # the module's own policy for which parts stay in eval
-        self.extraction_time_s += time.perf_counter() - start
-        self.reused_features += int(is_known.sum())
-        if known_rows is None:
+        self.reused_features += int(have.sum())
+        if not have.any():
             features = torch.cat(feats)  # nothing precomputed: the rows are already in order
         else:
-            features = torch.empty(len(dataset), known_rows.shape[1])
-            features[known] = known_rows
+            features = torch.empty(len(mine), known_rows.shape[1])
+            features[have] = known_rows[row_of[mine[have]]]
             if feats:
-                features[todo] = torch.cat(feats)
+                features[~have] = torch.cat(feats)
+        if world > 1:
+            features = gather_strided(features, n, self.module.device)
+        self.extraction_time_s += time.perf_counter() - start
         labels = torch.as_tensor(np.asarray(dataset.split.labels), dtype=torch.long)
         return TensorDataset(features, labels)
 

@@ -201,6 +201,15 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
         self.datasets: dict[str, ImageDataset] = {}
         self._worker_seeds = torch.Generator()  # the train loader's: reseeded each epoch by its sampler
 
+    # ddp_spawn pickles the datamodule into its children, and a torch.Generator does not survive
+    # torch.multiprocessing's pickler (the child fails "unable to resize file"): its state travels as bytes.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_worker_seeds": self._worker_seeds.get_state().numpy().tobytes()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _worker_seeds=torch.Generator())
+        self._worker_seeds.set_state(torch.frombuffer(bytearray(state["_worker_seeds"]), dtype=torch.uint8))
+
     # Scanning is cheap and deterministic, so it happens on first use in any process.
     @property
     def data(self) -> DataSplits:
