@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from finetune.distributed import is_launch_rank_zero
 from finetune.errors import FineTuneError, run_command
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 
@@ -193,14 +192,11 @@ def follow_advice(
     """
     from finetune.config import compose
 
-    features: list[PrecomputedFeatures] = []
-    advice = advise_or_fallback(cfg, features)
-    run_dir = Path(run_dir)
-    # Every process of a torchrun/srun run measures the same seeded sample with the same weights, so each
-    # follows the same advice (docs/distributed.md); rank 0 alone writes it.
-    if is_launch_rank_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "advice.json").write_text(json.dumps(advice, indent=2) + "\n")
+    from finetune.advice_share import share_advice
+
+    features: list[PrecomputedFeatures] = []  # rank 0's only: the others' feature cache extracts its share
+    # Under torchrun/srun/ddp rank 0 alone measures and writes advice.json; the others follow it.
+    advice = share_advice(run_dir, lambda: advise_or_fallback(cfg, features), float(cfg.advise.wait_timeout_s))
     print(f"advice: {advice['recipe']}: {advice['reason']}", flush=True)
     backbone = (advice.get("backbones") or {}).get("chosen")
     switch = []  # the ranked backbone trains (finetune/ranking.py); another backbone's weights file does not fit it

@@ -161,6 +161,8 @@ class AdviseConfig:
             given backbone trains without ranking. The given backbone is always ranked too.
         logme_margin: the cheapest candidate within this much LogME (per-image log evidence) of the best wins.
         cost_weight: LogME subtracted per doubling of time per image (0: cost only breaks near-ties).
+        wait_timeout_s: under torchrun/srun/ddp, how long the other processes wait for rank 0's advice
+            (finetune/advice_share.py); torch's default process-group timeout for gloo.
     """
 
     sample_size: int = 256
@@ -172,6 +174,7 @@ class AdviseConfig:
     candidates: Optional[List[str]] = field(default_factory=offline_candidates)
     logme_margin: float = 0.01
     cost_weight: float = 0.0
+    wait_timeout_s: float = 1800.0
 
 
 @dataclass

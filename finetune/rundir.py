@@ -21,7 +21,7 @@ from typing import Iterator
 from finetune.distributed import is_launch_rank_zero
 from finetune.errors import FineTuneError
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "claim_run_dir", "holds_a_run"]
+__all__ = ["LOCK_NAME", "RUN_FILES", "claim_run_dir", "holds_a_run", "lock_holder_alive"]
 
 LOCK_NAME = ".lock"
 # What a run writes into its directory (Hydra's .hydra/ included), removed by overwrite=true.
@@ -45,6 +45,14 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def lock_holder_alive(holder: str) -> bool:
+    """Whether the process a lock names (``pid host``) may be running: alive here, or on another host (unknowable)."""
+    pid_text, _, host = holder.partition(" ")
+    if host.strip() != socket.gethostname():
+        return True
+    return pid_text.isdigit() and _alive(int(pid_text))
 
 
 def _take_lock(path: Path) -> None:
