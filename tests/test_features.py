@@ -113,7 +113,8 @@ def test_reused_features_equal_extracted_ones(sample_size: int) -> None:
     from finetune.advise import advise
     from finetune.builders import build_datamodule, build_module
 
-    cfg = compose([*PHOTOS, "freeze=head_only", "augment=none", f"advise.sample_size={sample_size}"])
+    # One backbone: ranked candidates would hand back the chosen candidate's features (another model's).
+    cfg = compose([*PHOTOS, "freeze=head_only", "augment=none", f"advise.sample_size={sample_size}", "advise.candidates=[]"])
     measured: list = []
     advise(cfg, measured)
     assert len(measured) == 1 and len(measured[0].indices) == min(sample_size, 30)
@@ -132,10 +133,10 @@ def test_features_of_other_images_or_weights_are_not_reused() -> None:
     from finetune.advise import advise
     from finetune.builders import build_datamodule, build_module
 
-    cfg = compose([*PHOTOS, "freeze=head_only", "augment=none"])
+    cfg = compose([*PHOTOS, "freeze=head_only", "augment=none", "advise.candidates=[]"])
     measured: list = []
     advise(cfg, measured)
-    other_split = compose([*PHOTOS, "freeze=head_only", "augment=none", "seed=7"])
+    other_split = compose([*PHOTOS, "freeze=head_only", "augment=none", "advise.candidates=[]", "seed=7"])
     dm = build_datamodule(other_split)
     feats = FeatureDataModule(dm, build_module(cfg, dm), precomputed=measured)
     feats.dataset("train")
