@@ -110,7 +110,8 @@ def test_logger_options_build(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides", [
-    ["seed=x"], ["optim.lr=fast"], ["data.batch_size=1.5"], ["freeze=gradual", "freeze.every_n_epochs=two"],
+    # optim.lr also takes 'find': its other values are checked before the run (test_lr_find).
+    ["seed=x"], ["optim.backbone_lr_mult=fast"], ["data.batch_size=1.5"], ["freeze=gradual", "freeze.every_n_epochs=two"],
     ["backbone.pretrained=maybe"], ["advise.sample_size=many"],
 ])
 def test_a_value_of_the_wrong_type_is_refused_at_compose_time(overrides: list[str]) -> None:

@@ -199,7 +199,7 @@ def test_each_source_is_a_typed_structured_config() -> None:
 
     from finetune.data.sources import SOURCES, Source
 
-    assert set(SOURCES) == {"csv", "digits", "fashion_mnist", "folder", "photos", "torchvision"}
+    assert set(SOURCES) == {"csv", "digits", "fashion_mnist", "folder", "photos", "torchvision", "webdataset"}
     base = {f.name: f for f in dataclasses.fields(Source)}
     for name, cls in SOURCES.items():
         cfg = OmegaConf.structured(cls)

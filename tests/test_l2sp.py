@@ -89,6 +89,7 @@ def test_config_reaches_the_module() -> None:
 
     class Data:  # what build_module reads of a datamodule
         num_classes, classes, data_config = 3, ["a", "b", "c"], {}
+        augment = compose([]).augment  # the mixing options come from it
 
     m = build_module(cfg, Data())  # type: ignore[arg-type]
     assert m.hparams.l2sp == 0.25 and m.l2sp.alpha == 0.25
