@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -62,6 +62,23 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> "subprocess.Com
         timeout=timeout,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> "Iterator[None]":
+    """Put back the root logger's handlers after each test.
+
+    A Hydra app run in-process (``cli`` below, tests/test_readme.py) replaces them with handlers bound to
+    that test's captured streams; left in place, later tests' log records go to closed files
+    (``--- Logging error ---`` in their stderr).
+    """
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
