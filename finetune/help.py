@@ -23,6 +23,7 @@ COMMANDS = {
     "finetune.size": "a network's units, weights and connections per layer and stage, and what a freeze costs",
     "finetune.compare": "the comparison table and plot of the runs of a sweep directory (--soup: their greedy soup)",
     "finetune.interpolate": "WiSE-FT between two checkpoints: every weight interpolated, alpha chosen on val",
+    "finetune.shard": "any data source written once as WebDataset tar shards, for data=webdataset",
     "finetune.export": "a checkpoint as ONNX or TorchScript with its preprocessing as JSON, to run without finetune",
 }
 
@@ -30,6 +31,8 @@ COMMANDS = {
 RECIPE_WHY = {
     "auto": "measures the data (size, similarity to ImageNet), picks one of the four below, trains it",
     "compare": "a sweep of the standard freeze strategies on your data, with a comparison table",
+    "tune": "an Optuna search over LRs, strategy, augmentation and mixup (budget= split across trials)",
+    "compare_all": "compare's strategies plus l2sp, ema and wise_ft on full fine-tuning, one run each",
     "small_similar": "few ImageNet-like images: a linear probe on the frozen backbone",
     "small_dissimilar": "few images unlike ImageNet: every layer adapts, the backbone at a reduced LR",
     "large_similar": "many ImageNet-like images: everything trains, the backbone at a tenth of the head's LR",

@@ -34,6 +34,10 @@ Options:
   shard.maxcount=10000  samples per shard at most (webdataset ShardWriter's maxcount)
   shard.maxsize=3e9     bytes per shard at most (ShardWriter's maxsize)
   data=... seed=...     the source and its splits, as for a run (python -m finetune --help)
+
+Example:
+  python -m finetune.shard data=folder data.root=~/photos out=~/shards
+  then train with the data=webdataset line it prints (docs/data.md, "Sharded datasets")
 """
 
 
