@@ -29,7 +29,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "norm": ("norm", {}),
     "lora": ("lora", {}),
     "lp_ft": ("lp_ft", {}),
-    # Li et al. 2018's alpha for the pretrained part; measured within 2 points of none (digits, Fashion 100/class).
+    # The documented example alpha; measured within 2 points of none (digits, Fashion 100/class).
     "l2sp": ("none", {"optim": {"l2sp": 0.01}}),
     # The issue's and docs' example; with ModelEmaV3's warmup a short run is not averaged from its first steps.
     "ema": ("none", {"ema": {"decay": 0.999}}),
