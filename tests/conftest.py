@@ -29,6 +29,17 @@ def write_image(path: Path, rng: np.random.Generator, size: int = 24, mode: str 
     return path
 
 
+def write_folder(root: Path, classes: int = 3, per_class: int = 8, splits: tuple[str, ...] = (),
+                 size: int = 24) -> Path:
+    """Write ``root/<class_c>/*.png`` (or ``root/<split>/<class_c>``) with learnable classes, seeded."""
+    rng = np.random.default_rng(0)
+    for split in splits or ("",):
+        for c in range(classes):
+            for i in range(per_class):
+                write_image(root / split / f"class_{c}" / f"{i}.png", rng, size=size, color=c)
+    return root
+
+
 @pytest.fixture
 def make_folder(tmp_path: Path) -> Callable[..., Path]:
     """Build ``root/<class>/*.png`` (or ``root/<split>/<class>``) with learnable classes."""
@@ -40,13 +51,7 @@ def make_folder(tmp_path: Path) -> Callable[..., Path]:
         name: str = "images",
         size: int = 24,
     ) -> Path:
-        rng = np.random.default_rng(0)
-        root = tmp_path / name
-        for split in splits or ("",):
-            for c in range(classes):
-                for i in range(per_class):
-                    write_image(root / split / f"class_{c}" / f"{i}.png", rng, size=size, color=c)
-        return root
+        return write_folder(tmp_path / name, classes, per_class, splits, size)
 
     return make
 

@@ -6,11 +6,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import write_image
+from conftest import write_folder
 from finetune.calibration import calibration_metrics, fit_temperature
 from finetune.errors import FineTuneError
 
@@ -110,12 +109,7 @@ def test_a_checkpoint_without_a_temperature_loads_uncalibrated_and_a_bad_one_is_
 
 
 def _images(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        for c in range(3):
-            for i in range(6):
-                write_image(root / split / f"class_{c}" / f"{i}.png", rng, color=c)
-    return root
+    return write_folder(root, per_class=6, splits=("train", "val", "test"))
 
 
 def _val_logits(ckpt: Path, root: Path) -> tuple[torch.Tensor, torch.Tensor]:

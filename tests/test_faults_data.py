@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 from PIL import Image
 
-from conftest import write_image
+from conftest import write_folder, write_image
 from finetune.data import DataSplits, ImageDataModule, Split
 from finetune.data.duplicates import check_duplicates, find_duplicates
 from finetune.data.images import UnreadableImage
@@ -178,11 +178,7 @@ def test_training_with_a_file_broken_after_the_scan(tmp_path: Path, policy: str)
 
 def _split_folder(root: Path) -> tuple[Path, Path, Path]:
     """``root/train|val|test/class_c`` with two copies: val's of a train file, test's of a val file."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        for c in range(2):
-            for i in range(4):
-                write_image(root / split / f"class_{c}" / f"{i}.png", rng, size=16, color=c)
+    write_folder(root, classes=2, per_class=4, splits=("train", "val", "test"), size=16)
     val_copy, test_copy = root / "val" / "class_0" / "copy.png", root / "test" / "class_1" / "copy.png"
     shutil.copy(root / "train" / "class_0" / "2.png", val_copy)
     shutil.copy(root / "val" / "class_1" / "3.png", test_copy)

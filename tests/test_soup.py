@@ -6,7 +6,6 @@ import csv
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -35,18 +34,12 @@ def test_greedy_soup_adds_what_does_not_lower_val_accuracy_and_averages_exactly(
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three tiny runs of one start: two linear heads at two LRs, and an MLP head (other parameters)."""
-    from conftest import write_image
+    from conftest import write_folder
     from finetune.config import compose
     from finetune.train import train
 
-    import numpy as np
-
     base = tmp_path_factory.mktemp("soup")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        for c in range(3):
-            for i in range(6):
-                write_image(base / "images" / split / f"class_{c}" / f"{i}.png", rng, color=c)
+    write_folder(base / "images", per_class=6, splits=("train", "val", "test"))
     for name, extra in (("0", ["optim.lr=0.01"]), ("1", ["optim.lr=0.003"]), ("2", ["head=mlp"])):
         train(compose([*TINY, f"data.root={base / 'images'}", *extra]), base / "sweep" / name)
     return base / "sweep"

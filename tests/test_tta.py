@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import write_image
+from conftest import write_folder
 from finetune.checkpoints import Preprocessing
 from finetune.errors import FineTuneError
 from finetune.tta import check_tta_allowed, tta_transform
@@ -28,12 +28,7 @@ def no_flip_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from finetune.train import train
 
     base = tmp_path_factory.mktemp("tta")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        for c in range(3):
-            for i in range(5):
-                write_image(base / "images" / split / f"class_{c}" / f"{i}.png", rng, color=c)
-    root = base / "images"
+    root = write_folder(base / "images", per_class=5, splits=("train", "val", "test"))
     train(compose([*TINY, "trainer.max_epochs=1", f"data.root={root}", "data.hflip=0"]), base / "run")
     return root, base / "run" / "checkpoints" / "last.ckpt"
 
