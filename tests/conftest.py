@@ -101,12 +101,8 @@ def cli(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> C
     from hydra.core.global_hydra import GlobalHydra
 
     def run(args: list[str], cwd: Path, module: str = "finetune.cli") -> "subprocess.CompletedProcess[str]":
-        import logging
-
-        # Hydra's job logging replaces the root logger's handlers with ones bound to this test's captured
-        # streams; left in place, a later test's log records go to closed files ("--- Logging error ---").
-        root = logging.getLogger()
-        saved_handlers, saved_level = root.handlers[:], root.level
+        # Hydra's job logging rebinds the root logger to this test's captured streams: _restore_root_logger
+        # puts it back after the test.
         monkeypatch.chdir(cwd)
         monkeypatch.setattr(sys, "argv", [module, *args])
         capfd.readouterr()
@@ -117,8 +113,6 @@ def cli(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> C
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
         finally:
             GlobalHydra.instance().clear()
-            root.handlers[:] = saved_handlers
-            root.setLevel(saved_level)
         out, err = capfd.readouterr()
         return subprocess.CompletedProcess([module, *args], code, out, err)
 
