@@ -27,7 +27,7 @@ from finetune.distributed import is_launch_rank_zero
 from finetune.errors import FineTuneError, error_line
 from finetune.rundir import LOCK_NAME, lock_holder_alive
 
-__all__ = ["ADVICE_FILE", "share_advice"]
+__all__ = ["ADVICE_FILE", "record_lr", "share_advice"]
 
 ADVICE_FILE = "advice.json"
 
@@ -87,3 +87,23 @@ def share_advice(run_dir: str | os.PathLike[str], measure: Callable[[], dict[str
     if "error" in advice:
         raise FineTuneError(f"rank 0 could not measure the advice: {advice['error']}")
     return advice
+
+
+def record_lr(run_dir: str | os.PathLike[str], lr: Any, backbone_lr_mult: float, lr_find: dict[str, Any] | None) -> None:
+    """Add the LR the run trained with to its ``advice.json`` (known only after the LR finder ran, in fit).
+
+    Args:
+        lr: the config's head LR (a number, or ``find``).
+        backbone_lr_mult: the backbone's share of it.
+        lr_find: ``metrics.json``'s ``lr_find`` entry, where the finder ran or was skipped.
+    """
+    path = Path(run_dir) / ADVICE_FILE
+    content = json.loads(path.read_text())
+    found = (lr_find or {}).get("lr")
+    content["lr"] = {
+        "lr": found if found is not None else (lr if isinstance(lr, (int, float)) else None),
+        "backbone_lr_mult": backbone_lr_mult,
+        "source": "lr_find" if found is not None else "recipe",
+        **({"lr_find": lr_find} if lr_find else {}),
+    }
+    _write(Path(run_dir), content)

@@ -204,7 +204,10 @@ def follow_advice(
         switch = [f"backbone.name={backbone}", *(["backbone.weights=null"] if cfg.backbone.weights else [])]
     if backbone:
         print(f"backbone: {advice['backbones']['reason']}", flush=True)
-    chosen = compose([*recipe_overrides(overrides, advice["recipe"]), *switch])
+    # With a budget the plan decides whether the LR finder fits (finetune.lr_find); the user's optim.lr wins.
+    share = float(cfg.advise.lr_find_share)
+    finds = bool(cfg.get("budget")) and share > 0 and not any(o.lstrip("+~").startswith("optim.lr=") for o in overrides)
+    chosen = compose([*recipe_overrides(overrides, advice["recipe"]), *switch, *([f"optim.find_share={share}"] if finds else [])])
     extra = {"recipe": "auto", "advised_recipe": advice["recipe"], "advice": advice["reason"]}
     if backbone:
         extra["advised_backbone"] = backbone

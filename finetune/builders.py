@@ -63,6 +63,7 @@ def check_run_config(cfg: DictConfig) -> None:
     if cfg.evaluate not in _EVALUATE:
         raise FineTuneError(f"evaluate must be one of {', '.join(_EVALUATE)}, got '{cfg.evaluate}'")
     check_lr(cfg.optim.lr)
+    _check_find_share(cfg)
     run_budget_s(cfg)  # budget=abc, -1, 0s: one line here, before anything slow
     ema_from_config(cfg.get("ema"))  # a bad ema.decay stops the run here
     callbacks = {k: v for k, v in (_plain(cfg.callbacks) or {}).items() if v}
@@ -71,6 +72,17 @@ def check_run_config(cfg: DictConfig) -> None:
         raise FineTuneError("callbacks has no RunRecorder (finetune.callbacks.RunRecorder): a run needs it to report")
     if cfg.evaluate == "best" and not any(v.get("monitor") for v in callbacks.values()):
         raise FineTuneError("evaluate=best needs a checkpoint callback with a monitor (callbacks.best_checkpoint)")
+
+
+def _check_find_share(cfg: DictConfig) -> None:
+    share = cfg.optim.get("find_share")
+    if share is None:
+        return
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise FineTuneError(f"optim.find_share must be in (0, 1], got '{share}'")
+    if cfg.optim.lr == FIND or not cfg.get("budget"):
+        raise FineTuneError("optim.find_share needs budget= and a numeric optim.lr (the LR trained when the finder "
+                            "does not fit); optim.lr=find runs the finder always")
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
@@ -179,7 +191,9 @@ def _run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """What ``optim.lr=find`` and ``budget=`` add: the LR finder (first: its test runs before the others start
     their clocks) and the budget's planner."""
     budget_s = run_budget_s(cfg)
-    return [*([FindLR()] if cfg.optim.lr == FIND else []), *([BudgetPlanner(budget_s)] if budget_s else [])]
+    share = cfg.optim.get("find_share")
+    finder = [FindLR()] if cfg.optim.lr == FIND else [FindLR(budget_share=float(share))] if share is not None else []
+    return [*finder, *([BudgetPlanner(budget_s)] if budget_s else [])]
 
 
 def _has_progress_bar(callbacks: Sequence[Any]) -> bool:

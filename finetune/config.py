@@ -80,6 +80,8 @@ class OptimConfig:
     weight_decay: not applied to norms, biases, or what the model's ``no_weight_decay()`` names.
     l2sp: L2-SP's alpha (Li et al. 2018): the backbone is pulled toward its pretrained weights, with no plain
         weight decay on it then (the head keeps it); 0: off (finetune.l2sp).
+    find_share: with ``budget=`` and a numeric ``lr``: run the LR finder when its test takes at most this share
+        of the budget, else train at ``lr`` (``+recipe=auto`` sets it from ``advise.lr_find_share``).
     """
 
     optimizer: Any = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True})
@@ -89,6 +91,7 @@ class OptimConfig:
     layer_decay: Optional[float] = None
     weight_decay: float = 0.01
     l2sp: float = 0.0
+    find_share: Optional[float] = None
 
 
 @dataclass
@@ -161,6 +164,7 @@ class AdviseConfig:
             given backbone trains without ranking. The given backbone is always ranked too.
         logme_margin: the cheapest candidate within this much LogME (per-image log evidence) of the best wins.
         cost_weight: LogME subtracted per doubling of time per image (0: cost only breaks near-ties).
+        lr_find_share: with ``budget=``, auto runs the LR finder when it fits this share of the budget; 0: never.
         wait_timeout_s: under torchrun/srun/ddp, how long the other processes wait for rank 0's advice
             (finetune/advice_share.py); torch's default process-group timeout for gloo.
     """
@@ -174,6 +178,7 @@ class AdviseConfig:
     candidates: Optional[List[str]] = field(default_factory=offline_candidates)
     logme_margin: float = 0.01
     cost_weight: float = 0.0
+    lr_find_share: float = 0.1
     wait_timeout_s: float = 1800.0
 
 

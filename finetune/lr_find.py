@@ -94,13 +94,24 @@ class FindLR(LearningRateFinder):
         max_lr: last head LR tried.
         num_training_steps: steps of the test (Lightning's default).
         early_stop_threshold: stop when the smoothed loss exceeds this times its lowest value.
+        budget_share: under ``budget=``: the planner skips the test (the module's ``lr`` trains) when it would
+            take more than this share of the budget (``optim.find_share``); None: the test always runs.
     """
 
     def __init__(self, min_lr: float = 1e-6, max_lr: float = 1.0, num_training_steps: int = 100,
-                 early_stop_threshold: float = 4.0) -> None:
+                 early_stop_threshold: float = 4.0, budget_share: float | None = None) -> None:
         super().__init__(min_lr=min_lr, max_lr=max_lr, num_training_steps=num_training_steps, mode="exponential",
                          early_stop_threshold=early_stop_threshold, update_attr=False)
         self.result: dict[str, Any] = {}
+        self.budget_share = budget_share
+        self.skipped: str | None = None  # why the planner left the test out
+
+    def _publish(self, trainer: pl.Trainer) -> None:
+        from finetune.callbacks.run_recorder import RunRecorder
+
+        for c in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(c, RunRecorder):
+                c.results["lr_find"] = self.result
 
     def reserve_s(self, batch_s: float, batches_per_epoch: int, epoch_overhead_s: float) -> float:
         """Seconds the test will take (for :class:`finetune.callbacks.budget_planner.BudgetPlanner`)."""
@@ -110,6 +121,10 @@ class FindLR(LearningRateFinder):
     def lr_find(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path:  # resumed: the checkpoint's optimizer already holds the LR found before
             self.result = {"lr": None, "note": "resumed: the LR found at the start of the run is kept"}
+            return
+        if self.skipped:
+            self.result = {"lr": None, "skipped": self.skipped, "trained_lr": float(pl_module.hparams.lr)}
+            self._publish(trainer)
             return
         start = time.perf_counter()
         optimizer = trainer.optimizers[0]
@@ -164,11 +179,7 @@ class FindLR(LearningRateFinder):
         self.result = {"lr": lr, "rule": "valley", "lightning_suggestion": found.suggestion(),
                        "steps": len(losses), "min_lr": self._min_lr, "max_lr": self._max_lr,
                        "seconds": round(time.perf_counter() - start, 2), **seen}
-        from finetune.callbacks.run_recorder import RunRecorder
-
-        for c in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(c, RunRecorder):
-                c.results["lr_find"] = self.result
+        self._publish(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lr_find(trainer, pl_module)

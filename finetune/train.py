@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.advice_share import record_lr
 from finetune.budget import budget_clock
 from finetune.builders import build_datamodule, build_fit_datamodule, build_module, build_trainer, check_run_config
 from finetune.callbacks import RunRecorder, best_checkpoint
@@ -70,4 +71,7 @@ def _train(cfg: DictConfig, run_dir: Path, precomputed: Sequence[PrecomputedFeat
     asked = str(cfg.trainer.get("precision"))
     info = {"recipe": cfg.recipe, **(extra or {}), "backbone": cfg.backbone.name,
             "evaluated": "best" if ckpt else "last", "precision_asked": _PRECISION_ALIASES.get(asked, asked)}
-    return RunRecorder.of(trainer).finish(trainer, info, notes=[])
+    metrics = RunRecorder.of(trainer).finish(trainer, info, notes=[])
+    if info["recipe"] == "auto" and is_launch_rank_zero():  # the LR is known only now (the finder runs in fit)
+        record_lr(run_dir, cfg.optim.lr, float(cfg.optim.backbone_lr_mult), metrics.get("lr_find"))
+    return metrics

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from conftest import write_image
-from finetune.checkpoint_io import AtomicCheckpointIO, atomic_save, safe_load
+from finetune.checkpoint_io import AtomicCheckpointIO, atomic_save
 from finetune.errors import FineTuneError
 
 REPO = Path(__file__).resolve().parents[1]

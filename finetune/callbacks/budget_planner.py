@@ -214,7 +214,13 @@ class BudgetPlanner(Callback):
             end["test_feature_extraction"] = per_image * len(images.data.splits["test"])
         finder = next((c for c in trainer.callbacks if hasattr(c, "reserve_s")), None)
         if finder is not None:
-            end["lr_find"] = finder.reserve_s(timings.batch_s[0], train_b, timings.train_startup_s + val_pass)
+            cost = finder.reserve_s(timings.batch_s[0], train_b, timings.train_startup_s + val_pass)
+            share = getattr(finder, "budget_share", None)
+            if share is not None and cost > share * self.budget_s:  # optim.find_share: no room, the given lr trains
+                finder.skipped = (f"the LR finder would take {cost:.0f}s, more than {share:g} of the "
+                                  f"{format_seconds(self.budget_s)} budget")
+            else:
+                end["lr_find"] = cost
         spent = clock_elapsed() or timings.seconds
         whole = dynamic
         min_epochs = 1 + first_backbone if dynamic and first_backbone is not None else 1
