@@ -20,7 +20,7 @@ Row = Mapping[str, Any]
 _MD_HEADERS = {
     "val_acc": "val top-1", "val_top5": "val top-5", "test_acc": "test top-1", "test_top5": "test top-5",
     "trainable_params": "trainable params", "train_time_s": "train time s", "train_images_per_s": "train images/s",
-    "peak_memory_mb": "peak RSS MiB", "peak_gpu_memory_mb": "peak GPU MiB",
+    "peak_memory_mb": "peak RSS MiB", "peak_gpu_memory_mb": "peak GPU MiB", "pruned_at_epoch": "pruned at epoch",
 }
 
 
@@ -74,6 +74,10 @@ def markdown(columns: Sequence[str], rows: Sequence[Row], shared: Mapping[str, s
     if failed:
         notes.append(f"{len(failed)} of {len(rows)} runs did not finish: " + ", ".join(
             f"{r['run']} ({r['status']})" for r in failed) + ".")
+    pruned = [r for r in rows if r.get("pruned_at_epoch", "") != ""]
+    if pruned:
+        notes.append(f"{len(pruned)} of {len(rows)} runs were pruned (stopped early as hopeless, then evaluated): "
+                     + ", ".join(f"{r['run']} after epoch {r['pruned_at_epoch']}" for r in pruned) + ".")
     if shared:
         notes.append("Shared by every run: " + ", ".join(f"{k}={v}" for k, v in shared.items()) + ".")
     notes += list(extra)
@@ -84,6 +88,13 @@ def markdown(columns: Sequence[str], rows: Sequence[Row], shared: Mapping[str, s
 
 def _label(row: Row, swept: Sequence[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in swept if row[k] != "") or f"run {row['run']}"
+
+
+def _line(row: Row) -> str:
+    """Solid: a run that trained to its end; dashed: one pruned early; dotted: one that did not finish."""
+    if row["status"] != "ok":
+        return ":"
+    return "--" if row.get("pruned_at_epoch", "") != "" else "-"
 
 
 def plot(path: Path, rows: Sequence[Row], runs: Sequence[Run], swept: Sequence[str]) -> None:
@@ -106,7 +117,7 @@ def plot(path: Path, rows: Sequence[Row], runs: Sequence[Run], swept: Sequence[s
         if run.val_acc_by_epoch:
             epochs, accs = zip(*run.val_acc_by_epoch)
             ax_epochs.plot(epochs, [100 * a for a in accs], marker="o", ms=3, color=colors[i],
-                           label=_label(row, swept), linestyle="-" if row["status"] == "ok" else ":")
+                           label=_label(row, swept), linestyle=_line(row))
     for ax, key, xlabel in ((ax_params, "trainable_params", "trainable parameters"),
                             (ax_time, "train_time_s", "train time (s)")):
         for i, r in ok:

@@ -128,11 +128,15 @@ def report_rows(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, Any]]]:
     metric_cols = list(METRIC_COLUMNS)
     if any("peak_gpu_memory_mb" in r.metrics for r in runs):
         metric_cols.insert(metric_cols.index("peak_memory_mb") + 1, "peak_gpu_memory_mb")
+    if any("pruned" in r.metrics for r in runs):  # +recipe=tune: trials its pruner stopped (finetune.callbacks.prune)
+        metric_cols.insert(metric_cols.index("epochs") + 1, "pruned_at_epoch")
     columns = ["run", *swept, *metric_cols]
     rows = []
     for r in runs:
         row: dict[str, Any] = {"run": r.name, **{k: r.overrides.get(k, "") for k in swept}}
         row.update({k: r.metrics.get(k, "") for k in metric_cols})
+        if "pruned_at_epoch" in row:
+            row["pruned_at_epoch"] = (r.metrics.get("pruned") or {}).get("epoch", "")
         row["status"] = r.status
         if row["epochs"] == "" and r.val_acc_by_epoch:
             row["epochs"] = len(r.val_acc_by_epoch)
