@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from finetune.backbones import create_backbone
+from finetune.budget import clock_elapsed, run_budget_s
 from finetune.data import DataSplits, ImageDataModule
 from finetune.errors import FineTuneError
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
@@ -156,6 +157,22 @@ def _run_candidate(
     return feats, seconds, built.weights_source
 
 
+def _budget_work(cfg: DictConfig, data: DataSplits) -> tuple[float | None, int | None]:
+    """Under ``budget=``: the seconds left, and the forward passes ``advise.min_epochs_in_budget`` epochs need.
+
+    A training image costs about three forward passes (the backward pass about two: Kaplan et al. 2020), each
+    epoch validates, and the test split is passed once. The sample pass's images/s are forward passes, so a
+    candidate fits when ``work / images_per_s`` is within what is left of the budget.
+    """
+    budget_s = run_budget_s(cfg)
+    if budget_s is None:
+        return None, None
+    n = {split: len(items) for split, items in data.splits.items()}
+    epochs = int(cfg.advise.get("min_epochs_in_budget", 3))
+    work = epochs * (3 * n.get("train", 0) + n.get("val", 0)) + n.get("test", 0)
+    return max(0.0, budget_s - clock_elapsed()), work
+
+
 def rank_backbones(
     cfg: DictConfig, data: DataSplits, idx: np.ndarray, measured: MeasuredPass | None = None,
     names: Sequence[str] | None = None,
@@ -181,11 +198,14 @@ def rank_backbones(
     scores = {r.name: r.logme for r in rows}
     speeds = {r.name: r.images_per_s for r in rows}
     margin, cost_weight = float(a.get("logme_margin", 0.01)), float(a.get("cost_weight", 0.0))
-    chosen, reason = choose_backbone(scores, speeds, margin=margin, cost_weight=cost_weight)
+    budget_s, work = _budget_work(cfg, data)
+    chosen, reason = choose_backbone(scores, speeds, budget_s=budget_s, margin=margin, cost_weight=cost_weight,
+                                     work_images=work)
     entry = {
         "candidates": [asdict(r) for r in rows],
         "chosen": chosen,
         "reason": reason,
-        "rule": {"logme_margin": margin, "cost_weight": cost_weight, "sample_images": int(len(idx))},
+        "rule": {"logme_margin": margin, "cost_weight": cost_weight, "sample_images": int(len(idx)),
+                 **({"budget_left_s": round(budget_s, 1), "forward_images_needed": work} if work else {})},
     }
     return entry, features[chosen]

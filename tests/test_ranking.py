@@ -125,6 +125,17 @@ def test_auto_trains_the_chosen_candidate_with_its_features(tiny_candidates, tmp
     assert written["backbones"]["chosen"] == "test_efficientnet" and len(written["backbones"]["candidates"]) == 2
 
 
+def test_under_a_budget_candidates_that_cannot_train_enough_epochs_drop_out(tiny_candidates) -> None:
+    overrides, _ = tiny_candidates
+    # 10^9 epochs of 24 images cannot fit in an hour at any speed: every candidate drops out, the fastest stays.
+    tight = advise(compose([*overrides, "budget=1h", "advise.min_epochs_in_budget=1000000000"]))["backbones"]
+    speeds = {c["name"]: c["images_per_s"] for c in tight["candidates"]}
+    assert "cannot pass" in tight["reason"] and tight["chosen"] == max(speeds, key=speeds.get)
+    assert tight["rule"]["forward_images_needed"] == 1_000_000_000 * (3 * 24 + 6)  # 30 images: 24 train, 6 val
+    roomy = advise(compose([*overrides, "budget=1h", "advise.min_epochs_in_budget=1"]))["backbones"]
+    assert "cannot pass" not in roomy["reason"] and 0 < roomy["rule"]["budget_left_s"] <= 3600
+
+
 def test_no_candidates_keep_the_given_backbone(tiny_candidates, tmp_path: Path) -> None:
     overrides, built = tiny_candidates
     cfg, extra, _ = follow_advice(compose(["+recipe=auto", *overrides, "advise.candidates=[]"]),

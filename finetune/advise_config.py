@@ -1,0 +1,50 @@
+"""The settings of ``+recipe=auto`` and ``python -m finetune.advise`` (composed into :class:`finetune.config.Config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from finetune.backbones import offline_candidates
+
+__all__ = ["AdviseConfig"]
+
+
+@dataclass
+class AdviseConfig:
+    """How ``+recipe=auto`` and ``python -m finetune.advise`` measure the data and pick a recipe.
+
+    Attributes:
+        sample_size: training images measured (a seeded sample): seconds on a CPU.
+        min_sample: fewer images than this are too few to measure.
+        small_below: BiT-HyperRule's boundary (Kolesnikov et al. 2020): under 20k training images is "small".
+        similar_below: BatchNorm divergence from ImageNet, measured with tf_efficientnet_lite0 (256 images):
+            photo crops 0.03 (224 px), digits 0.35 (64 px), Fashion-MNIST 0.45 (32 px).
+        similarity_model: None: the backbone itself (tf_efficientnet_lite0 when it has no BatchNorm or
+            is not pretrained); or a timm name with pretrained BatchNorm.
+        fallback: a recipe to train with when the data cannot be measured; None: stop with an error.
+        candidates: backbones ranked by LogME on the measured sample (finetune/ranking.py); the chosen one
+            trains. Default: EfficientNet-Lite0/1/2 where their offline packages are installed (the
+            ``candidates`` extra), else none; any timm names where the hub is reachable. Empty or null: the
+            given backbone trains without ranking. The given backbone is always ranked too.
+        logme_margin: the cheapest candidate within this much LogME (per-image log evidence) of the best wins.
+        cost_weight: LogME subtracted per doubling of time per image (0: cost only breaks near-ties).
+        lr_find_share: with ``budget=``, auto runs the LR finder when it fits this share of the budget; 0: never.
+        min_epochs_in_budget: with ``budget=``, candidates that cannot train this many epochs in what is left of it
+            (each training image costing three forward passes) drop out of the ranking; the fastest stays if none can.
+        wait_timeout_s: under torchrun/srun/ddp, how long the other processes wait for rank 0's advice
+            (finetune/advice_share.py); torch's default process-group timeout for gloo.
+    """
+
+    sample_size: int = 256
+    min_sample: int = 20
+    small_below: int = 20000
+    similar_below: float = 0.2
+    similarity_model: Optional[str] = None
+    fallback: Optional[str] = None
+    candidates: Optional[List[str]] = field(default_factory=offline_candidates)
+    logme_margin: float = 0.01
+    cost_weight: float = 0.0
+    lr_find_share: float = 0.1
+    min_epochs_in_budget: int = 3
+    wait_timeout_s: float = 1800.0
