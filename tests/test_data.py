@@ -313,3 +313,21 @@ def test_augment_config_forms() -> None:
     with pytest.raises(FineTuneError, match=r"augment has no option\(s\) opps"):
         resolve_augment({"opps": {}})
 
+
+
+def test_a_last_training_batch_of_one_image_is_left_out_so_batchnorm_trains(make_folder, tmp_path: Path) -> None:
+    """9 training images in batches of 4: the ninth alone would fail BatchNorm on test_resnet's 1x1 map at 32 px."""
+    from finetune.config import compose
+    from finetune.train import train
+
+    root = make_folder(classes=3, per_class=4)  # 12 images, 3 of them val
+    overrides = ["backbone.name=test_resnet", "backbone.pretrained=false", "data=folder", f"data.root={root}",
+                 "data.image_size=32", "data.val_fraction=0.25", "data.num_workers=0", "trainer.max_epochs=1",
+                 "trainer.enable_progress_bar=false", "calibrate=false"]
+    dm = ImageDataModule("folder", root=root, backbone="test_resnet", image_size=32, val_fraction=0.25, batch_size=4)
+    assert [len(y) for _, y in dm.train_dataloader()] == [4, 4] and len(dm.datasets["train"]) == 9
+    assert [len(y) for _, y in dm.val_dataloader()] == [3]  # evaluation keeps every image
+    ten = ImageDataModule("folder", root=root, backbone="test_resnet", image_size=32, val_fraction=0.25, batch_size=5)
+    assert [len(y) for _, y in ten.train_dataloader()] == [5, 4]  # a partial batch of more than one stays
+    metrics = train(compose([*overrides, "data.batch_size=4"]), tmp_path / "run")
+    assert metrics["epochs"] == 1

@@ -302,10 +302,14 @@ class ImageDataModule(SplitLoaders, pl.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         self.setup()
         train = name == "train" and shuffle
+        sampler = self.train_sampler() if train else None
         return DataLoader(
             self.datasets[name],
             batch_size=self.batch_size,
-            sampler=self.train_sampler() if train else None,
+            sampler=sampler,
+            # A last batch of one image fails BatchNorm in training (one value per channel on a 1x1 map): that
+            # epoch leaves it out (the order is reshuffled every epoch; timm and fastai drop every partial batch).
+            drop_last=sampler is not None and len(sampler) % self.batch_size == 1,
             num_workers=self.num_workers,
             # Workers start anew each epoch, seeded from the epoch: persistent ones would carry their state over.
             persistent_workers=False,
