@@ -77,6 +77,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     from finetune.similarity import measure_similarity
 
     a = cfg.advise
+    if str(a.trust_logme) not in ("all", "similar", "none"):
+        raise FineTuneError(f"advise.trust_logme must be all, similar or none, got '{a.trust_logme}'")
     start = time.perf_counter()
     dm = build_datamodule(cfg)
     counts = dm.class_counts()["train"]
@@ -115,14 +117,15 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     ) if outputs else None  # fmt: skip
     if sim.bn_divergence is None:
         raise FineTuneError(f"{measured_with} has no BatchNorm layers to measure similarity with")
+    similar = sim.bn_divergence < float(a.similar_below)
     ranking = None
     if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
         own = MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, pass_s) if measured else None
-        ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates)
+        trust = {"all": True, "similar": similar, "none": False}[str(a.trust_logme)]
+        ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates, trust_logme=trust)
     if features is not None and measured is not None:
         features.append(measured)
 
-    similar = sim.bn_divergence < float(a.similar_below)
     similarity = "similar" if similar else "dissimilar"
     recipe = f"{size['size']}_{similarity}"
     by_stage = [d for d in sim.bn_divergence_by_stage if d is not None]

@@ -27,6 +27,9 @@ class AdviseConfig:
             trains. Default: EfficientNet-Lite0/1/2 where their offline packages are installed (the
             ``candidates`` extra), else none; any timm names where the hub is reachable. Empty or null: the
             given backbone trains without ranking. The given backbone is always ranked too.
+        trust_logme: where LogME's order chooses the backbone: ``all`` data, data ``similar`` to ImageNet, or
+            ``none``; elsewhere the fastest candidate trains. On digits and Fashion-MNIST (dissimilar, fully
+            fine-tuned) LogME's order did not match the fine-tuned accuracy (docs/auto-budget.md).
         logme_margin: the cheapest candidate within this much LogME (per-image log evidence) of the best wins.
         cost_weight: LogME subtracted per doubling of time per image (0: cost only breaks near-ties).
         lr_find_share: with ``budget=``, auto runs the LR finder when it fits this share of the budget; 0: never.
@@ -43,6 +46,7 @@ class AdviseConfig:
     similarity_model: Optional[str] = None
     fallback: Optional[str] = None
     candidates: Optional[List[str]] = field(default_factory=offline_candidates)
+    trust_logme: str = "similar"
     logme_margin: float = 0.01
     cost_weight: float = 0.0
     lr_find_share: float = 0.1

@@ -110,7 +110,7 @@ def choose_backbone(
             notes.append(f"{', '.join(dropped)} cannot pass {work_images} images in {budget_s:g} s")
         names = fits or [fastest]
     if not trust_logme:
-        reason = "; ".join([*notes, "LogME does not rank backbones reliably for this data: the fastest"])
+        reason = "; ".join([*notes, f"{names[0]}: the fastest (LogME not used for this data: advise.trust_logme)"])
         return names[0], reason
     top_speed = imgs_per_s[names[0]]
     utility = {n: scores[n] - cost_weight * math.log2(top_speed / imgs_per_s[n]) for n in names}
@@ -175,9 +175,11 @@ def _budget_work(cfg: DictConfig, data: DataSplits) -> tuple[float | None, int |
 
 def rank_backbones(
     cfg: DictConfig, data: DataSplits, idx: np.ndarray, measured: MeasuredPass | None = None,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None, trust_logme: bool = True,
 ) -> tuple[dict[str, Any], PrecomputedFeatures]:
     """Score every candidate on the sample ``idx`` of ``data``'s train split and choose one.
+
+    ``trust_logme=False``: the scores are reported but the fastest candidate (that fits the budget) trains.
 
     Returns:
         The ``backbones`` entry of the advice (``candidates``, ``chosen``, ``reason``, ``rule``) and
@@ -200,12 +202,12 @@ def rank_backbones(
     margin, cost_weight = float(a.get("logme_margin", 0.01)), float(a.get("cost_weight", 0.0))
     budget_s, work = _budget_work(cfg, data)
     chosen, reason = choose_backbone(scores, speeds, budget_s=budget_s, margin=margin, cost_weight=cost_weight,
-                                     work_images=work)
+                                     work_images=work, trust_logme=trust_logme)
     entry = {
         "candidates": [asdict(r) for r in rows],
         "chosen": chosen,
         "reason": reason,
-        "rule": {"logme_margin": margin, "cost_weight": cost_weight, "sample_images": int(len(idx)),
+        "rule": {"logme_margin": margin, "cost_weight": cost_weight, "sample_images": int(len(idx)), "logme_used": trust_logme,
                  **({"budget_left_s": round(budget_s, 1), "forward_images_needed": work} if work else {})},
     }
     return entry, features[chosen]

@@ -136,6 +136,17 @@ def test_under_a_budget_candidates_that_cannot_train_enough_epochs_drop_out(tiny
     assert "cannot pass" not in roomy["reason"] and 0 < roomy["rule"]["budget_left_s"] <= 3600
 
 
+def test_logme_chooses_only_where_advise_trust_logme_allows(tiny_candidates) -> None:
+    overrides, _ = tiny_candidates
+    a = advise(compose([*overrides, "advise.trust_logme=none"]))
+    b = a["backbones"]
+    speeds = {c["name"]: c["images_per_s"] for c in b["candidates"]}
+    assert b["rule"]["logme_used"] is False and b["chosen"] == max(speeds, key=speeds.get)
+    assert "LogME not used" in b["reason"]
+    with pytest.raises(FineTuneError, match="advise.trust_logme must be all, similar or none, got 'maybe'"):
+        advise(compose([*overrides, "advise.trust_logme=maybe"]))
+
+
 def test_no_candidates_keep_the_given_backbone(tiny_candidates, tmp_path: Path) -> None:
     overrides, built = tiny_candidates
     cfg, extra, _ = follow_advice(compose(["+recipe=auto", *overrides, "advise.candidates=[]"]),
