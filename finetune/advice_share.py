@@ -98,6 +98,8 @@ def record_lr(run_dir: str | os.PathLike[str], lr: Any, backbone_lr_mult: float,
         lr_find: ``metrics.json``'s ``lr_find`` entry, where the finder ran or was skipped.
     """
     path = Path(run_dir) / ADVICE_FILE
+    if not path.exists():  # train(..., extra={"recipe": "auto"}) called without the advice: nothing to add to
+        return
     content = json.loads(path.read_text())
     found = (lr_find or {}).get("lr")
     content["lr"] = {
