@@ -1,8 +1,10 @@
 """``+recipe=auto`` against every fixed strategy, at 10, 100 and 1,000 Fashion-MNIST images per class.
 
-At each size, with one time budget per run (``budget=``, so each run plans its own epochs and
-its LR schedule ends on time): the ``+recipe=compare`` sweep (every compared freeze strategy, one run
-each) and one ``+recipe=auto`` run (advice, backbone ranking and training, all inside the same budget).
+At each size: the ``+recipe=compare`` sweep (every compared freeze strategy, one run each) and one
+``+recipe=auto`` run (advice, backbone ranking and training). Either each run has the same time budget
+(``budget=``: each plans its own epochs, its LR schedule ends on time, advice and ranking count), or,
+with ``none`` as the budget, every run trains its own recipe's length (the sweep 15 epochs, auto its
+recipe's).
 Printed per size: auto's test top-1 and wall time, the best fixed strategy's, ``head_only`` and ``none``,
 and the sweep's total wall time; the same rows go to ``benchmarks/results/data_efficiency.json``, and
 ``docs/data_efficiency.png`` plots test top-1 against images per class for auto, head_only and none.
@@ -10,6 +12,7 @@ The official 10,000 test images and one seeded 1,200-image val split serve every
 subsets the rest), so all sizes are scored on the same images.
 
     python benchmarks/data_efficiency.py [--sizes 10 100 1000] [--budgets 1m 1m30s 3m] [--out DIR]
+    python benchmarks/data_efficiency.py --sizes 10 100 --budgets none none   # recipe lengths
     python benchmarks/data_efficiency.py --plot   # only the picture, from the results file
 """
 
@@ -35,13 +38,15 @@ def _run(args: list[str]) -> float:
 
 def measure(n: int, budget: str, out: Path) -> dict:
     # 1,200 val images (val_fraction 0.02), not 6,000: each epoch validates, and budgets are minutes
-    data = ["data=fashion_mnist", f"data.train_per_class={n}", "data.val_fraction=0.02", f"budget={budget}", "seed=42"]
-    sweep_dir = out / f"{n}" / "compare"
+    data = ["data=fashion_mnist", f"data.train_per_class={n}", "data.val_fraction=0.02", "seed=42",
+            *([f"budget={budget}"] if budget != "none" else [])]
+    where = out / f"{n}" if budget != "none" else out / f"{n}-recipe"
+    sweep_dir = where / "compare"
     sweep_s = _run(["+recipe=compare", *data, f"hydra.sweep.dir={sweep_dir}"])
     with (sweep_dir / "comparison.csv").open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("status") == "ok"]
     fixed = {r["freeze"]: float(r["test_acc"]) for r in rows}
-    auto_dir = out / f"{n}" / "auto"
+    auto_dir = where / "auto"
     auto_s = _run(["+recipe=auto", *data, f"hydra.run.dir={auto_dir}", "overwrite=true"])
     m = json.loads((auto_dir / "metrics.json").read_text())
     best = max(fixed, key=fixed.get)
@@ -49,7 +54,7 @@ def measure(n: int, budget: str, out: Path) -> dict:
         "images_per_class": n, "budget": budget,
         "auto": {"test_acc": m["test_acc"], "wall_s": round(auto_s, 1), "recipe": m["advised_recipe"],
                  "backbone": m["backbone"], "freeze": m["freeze"], "epochs": m["epochs"],
-                 "lr_find": (m.get("lr_find") or {}).get("lr"), "took_s": m["budget"]["took_s"]},
+                 "lr_find": (m.get("lr_find") or {}).get("lr"), "took_s": (m.get("budget") or {}).get("took_s")},
         "fixed": fixed, "best_fixed": best, "sweep_wall_s": round(sweep_s, 1), "sweep_runs": len(fixed),
         "auto_minus_best_points": round(100 * (m["test_acc"] - fixed[best]), 2),
         "auto_time_share_of_sweep": round(auto_s / sweep_s, 3),
@@ -57,28 +62,33 @@ def measure(n: int, budget: str, out: Path) -> dict:
 
 
 def plot(results: dict) -> None:
+    """One panel per way of sizing the runs: the same budget per run, and recipe lengths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(results.values(), key=lambda r: r["images_per_class"])
-    x = [r["images_per_class"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, ys in (("auto", [r["auto"]["test_acc"] for r in rows]),
-                      ("head_only", [r["fixed"].get("head_only") for r in rows]),
-                      ("none (full fine-tuning)", [r["fixed"].get("none") for r in rows]),
-                      ("best fixed strategy", [r["fixed"][r["best_fixed"]] for r in rows])):
-        ax.plot(x, [100 * y if y is not None else None for y in ys], marker="o", label=label,
-                linestyle=":" if label.startswith("best") else "-")
-    ax.set_xscale("log")
-    ax.set_xticks(x, [str(v) for v in x])
-    ax.set_xlabel("training images per class (Fashion-MNIST)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Same time budget per run: " + ", ".join(f"{r['images_per_class']}: {r['budget']}" for r in rows),
-                 fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [(title, sorted((r for r in results.values() if pick(r)), key=lambda r: r["images_per_class"]))
+              for title, pick in (("same time budget per run", lambda r: r["budget"] != "none"),
+                                  ("recipe lengths (no budget)", lambda r: r["budget"] == "none"))]
+    panels = [(t, rows) for t, rows in panels if rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (title, rows) in zip(axes[0], panels):
+        x = [r["images_per_class"] for r in rows]
+        for label, ys in (("auto", [r["auto"]["test_acc"] for r in rows]),
+                          ("head_only", [r["fixed"].get("head_only") for r in rows]),
+                          ("none (full fine-tuning)", [r["fixed"].get("none") for r in rows]),
+                          ("best fixed strategy", [r["fixed"][r["best_fixed"]] for r in rows])):
+            ax.plot(x, [100 * y if y is not None else None for y in ys], marker="o", label=label,
+                    linestyle=":" if label.startswith("best") else "-")
+        ax.set_xscale("log")
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_xlabel("training images per class (Fashion-MNIST)")
+        budgets = ", ".join(f"{r['images_per_class']}: {r['budget']}" for r in rows) if rows[0]["budget"] != "none" else ""
+        ax.set_title(title + (f" ({budgets})" if budgets else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test top-1 (%)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(PICTURE, dpi=120)
 
@@ -97,7 +107,7 @@ def main() -> None:
         for n, budget in zip(args.sizes, args.budgets):
             r = measure(n, budget, args.out)
             results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # another size may have landed
-            results[str(n)] = r
+            results[str(n) if budget != "none" else f"{n}-recipe"] = r
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{n}/class, budget {budget}: auto {100 * r['auto']['test_acc']:.2f}% in {r['auto']['wall_s']:.0f}s "
                   f"({r['auto']['recipe']}, {r['auto']['backbone']}); best fixed {r['best_fixed']} "
