@@ -73,7 +73,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     """
     from finetune.builders import build_datamodule
     from finetune.data import ImageDataModule
-    from finetune.ranking import MeasuredPass, candidate_names, rank_backbones
+    from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
     from finetune.similarity import measure_similarity
 
     a = cfg.advise
@@ -118,7 +118,17 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     if sim.bn_divergence is None:
         raise FineTuneError(f"{measured_with} has no BatchNorm layers to measure similarity with")
     similar = sim.bn_divergence < float(a.similar_below)
+    similarity = "similar" if similar else "dissimilar"
+    recipe = f"{size['size']}_{similarity}"
     ranking = None
+    if candidates:
+        from finetune.config import compose
+
+        share = ranking_cost_share(compose([f"+recipe={recipe}"]), dm.data, len(idx), len(candidates))
+        if share > float(a.rank_max_share):  # the ranking would cost a large part of the run it informs
+            ranking = {"skipped": f"ranking would add {share:.0%} to the forward passes of {recipe}'s run "
+                                  f"(advise.rank_max_share={a.rank_max_share}): {cfg.backbone.name} trains"}
+            candidates = []
     if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
         own = MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, pass_s) if measured else None
         trust = {"all": True, "similar": similar, "none": False}[str(a.trust_logme)]
@@ -126,8 +136,6 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     if features is not None and measured is not None:
         features.append(measured)
 
-    similarity = "similar" if similar else "dissimilar"
-    recipe = f"{size['size']}_{similarity}"
     by_stage = [d for d in sim.bn_divergence_by_stage if d is not None]
     half = len(by_stage) // 2
     early, late = (float(np.mean(by_stage[:half])), float(np.mean(by_stage[half:]))) if half else (0.0, 0.0)
@@ -205,8 +213,8 @@ def follow_advice(
     switch = []  # the ranked backbone trains (finetune/ranking.py); another backbone's weights file does not fit it
     if backbone and backbone != cfg.backbone.name:
         switch = [f"backbone.name={backbone}", *(["backbone.weights=null"] if cfg.backbone.weights else [])]
-    if backbone:
-        print(f"backbone: {advice['backbones']['reason']}", flush=True)
+    if backbone or (advice.get("backbones") or {}).get("skipped"):
+        print(f"backbone: {advice['backbones'].get('reason') or advice['backbones']['skipped']}", flush=True)
     # With a budget the plan decides whether the LR finder fits (finetune.lr_find); the user's optim.lr wins.
     share = float(cfg.advise.lr_find_share)
     finds = bool(cfg.get("budget")) and share > 0 and not any(o.lstrip("+~").startswith("optim.lr=") for o in overrides)

@@ -30,6 +30,8 @@ class AdviseConfig:
         trust_logme: where LogME's order chooses the backbone: ``all`` data, data ``similar`` to ImageNet, or
             ``none``; elsewhere the fastest candidate trains. On digits and Fashion-MNIST (dissimilar, fully
             fine-tuned) LogME's order did not match the fine-tuned accuracy (docs/auto-budget.md).
+        rank_max_share: rank only when the other candidates' passes over the sample cost at most this share of
+            the forward passes of the recipe's run (photos: head_only on cached features is one pass, ranking 2).
         logme_margin: the cheapest candidate within this much LogME (per-image log evidence) of the best wins.
         cost_weight: LogME subtracted per doubling of time per image (0: cost only breaks near-ties).
         lr_find_share: with ``budget=``, auto runs the LR finder when it fits this share of the budget; 0: never.
@@ -47,6 +49,7 @@ class AdviseConfig:
     fallback: Optional[str] = None
     candidates: Optional[List[str]] = field(default_factory=offline_candidates)
     trust_logme: str = "similar"
+    rank_max_share: float = 0.1
     logme_margin: float = 0.01
     cost_weight: float = 0.0
     lr_find_share: float = 0.1

@@ -31,7 +31,8 @@ from finetune.features import PrecomputedFeatures, split_fingerprint, state_dige
 from finetune.logme import logme
 from finetune.similarity import measure_similarity
 
-__all__ = ["CandidateScore", "MeasuredPass", "candidate_names", "choose_backbone", "rank_backbones"]
+__all__ = ["CandidateScore", "MeasuredPass", "candidate_names", "choose_backbone", "rank_backbones",
+           "ranking_cost_share"]
 
 
 @dataclass
@@ -171,6 +172,22 @@ def _budget_work(cfg: DictConfig, data: DataSplits) -> tuple[float | None, int |
     epochs = int(cfg.advise.get("min_epochs_in_budget", 3))
     work = epochs * (3 * n.get("train", 0) + n.get("val", 0)) + n.get("test", 0)
     return max(0.0, budget_s - clock_elapsed()), work
+
+
+def ranking_cost_share(recipe: DictConfig, data: DataSplits, sample: int, candidates: int) -> float:
+    """What ranking adds, as a share of the forward passes of the run it informs (``advise.rank_max_share``).
+
+    Ranking passes the sample through every candidate but the one that measured similarity. The run
+    passes every split once where it trains a head on cached features (``head_only``, ``augment=none``),
+    else each epoch's training images three times (forward and backward) and val once, and test once.
+    Both are counted in images, at the measuring backbone's cost per image (candidates cost more).
+    """
+    n = {split: len(items) for split, items in data.splits.items()}
+    if str(recipe.freeze.name) == "head_only" and str(recipe.augment.name) == "none" and recipe.cache_features:
+        work = sum(n.values())
+    else:
+        work = int(recipe.trainer.max_epochs) * (3 * n.get("train", 0) + n.get("val", 0)) + n.get("test", 0)
+    return (candidates - 1) * sample / max(1, work)
 
 
 def rank_backbones(

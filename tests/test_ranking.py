@@ -11,6 +11,7 @@ import torch
 
 from finetune.advise import advise, follow_advice
 from finetune.backbones import Backbone, create_backbone, offline_candidates
+from finetune.builders import build_datamodule
 from finetune.config import compose
 from finetune.errors import FineTuneError
 from finetune.ranking import candidate_names, choose_backbone
@@ -145,6 +146,21 @@ def test_logme_chooses_only_where_advise_trust_logme_allows(tiny_candidates) -> 
     assert "LogME not used" in b["reason"]
     with pytest.raises(FineTuneError, match="advise.trust_logme must be all, similar or none, got 'maybe'"):
         advise(compose([*overrides, "advise.trust_logme=maybe"]))
+
+
+def test_ranking_is_skipped_where_it_would_cost_too_much_of_the_run_it_informs(tiny_candidates) -> None:
+    from finetune.ranking import ranking_cost_share
+
+    overrides, built = tiny_candidates
+    a = advise(compose([*overrides, "advise.rank_max_share=0.001"]))
+    assert "chosen" not in a["backbones"] and "advise.rank_max_share=0.001" in a["backbones"]["skipped"]
+    assert built == []  # no other candidate was run
+    # The share itself: head_only on cached features passes every image once; full fine-tuning 3x train + val per epoch.
+    data = build_datamodule(compose(overrides)).data  # 24 train, 6 val
+    cached = compose(["+recipe=small_similar"])
+    assert ranking_cost_share(cached, data, sample=24, candidates=3) == pytest.approx(2 * 24 / 30)
+    full = compose(["+recipe=small_dissimilar"])
+    assert ranking_cost_share(full, data, sample=24, candidates=3) == pytest.approx(2 * 24 / (25 * (3 * 24 + 6)))
 
 
 def test_no_candidates_keep_the_given_backbone(tiny_candidates, tmp_path: Path) -> None:
