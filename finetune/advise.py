@@ -213,8 +213,9 @@ def follow_advice(
     switch = []  # the ranked backbone trains (finetune/ranking.py); another backbone's weights file does not fit it
     if backbone and backbone != cfg.backbone.name:
         switch = [f"backbone.name={backbone}", *(["backbone.weights=null"] if cfg.backbone.weights else [])]
-    if backbone or (advice.get("backbones") or {}).get("skipped"):
-        print(f"backbone: {advice['backbones'].get('reason') or advice['backbones']['skipped']}", flush=True)
+    ranked = advice.get("backbones") or {}  # chosen with a reason, or skipped with why
+    if ranked:
+        print(f"backbone: {ranked.get('reason') or ranked['skipped']}", flush=True)
     # With a budget the plan decides whether the LR finder fits (finetune.lr_find); the user's optim.lr wins.
     share = float(cfg.advise.lr_find_share)
     finds = bool(cfg.get("budget")) and share > 0 and not any(o.lstrip("+~").startswith("optim.lr=") for o in overrides)

@@ -158,19 +158,23 @@ def _run_candidate(
     return feats, seconds, built.weights_source
 
 
+def _forward_passes(data: DataSplits, epochs: int) -> int:
+    """Forward passes of ``epochs`` epochs: a training image costs about three (the backward pass about two:
+    Kaplan et al. 2020), each epoch validates, and the test split is passed once."""
+    n = {split: len(items) for split, items in data.splits.items()}
+    return epochs * (3 * n.get("train", 0) + n.get("val", 0)) + n.get("test", 0)
+
+
 def _budget_work(cfg: DictConfig, data: DataSplits) -> tuple[float | None, int | None]:
     """Under ``budget=``: the seconds left, and the forward passes ``advise.min_epochs_in_budget`` epochs need.
 
-    A training image costs about three forward passes (the backward pass about two: Kaplan et al. 2020), each
-    epoch validates, and the test split is passed once. The sample pass's images/s are forward passes, so a
-    candidate fits when ``work / images_per_s`` is within what is left of the budget.
+    The sample pass's images/s are forward passes, so a candidate fits when ``work / images_per_s`` is within
+    what is left of the budget.
     """
     budget_s = run_budget_s(cfg)
     if budget_s is None:
         return None, None
-    n = {split: len(items) for split, items in data.splits.items()}
-    epochs = int(cfg.advise.get("min_epochs_in_budget", 3))
-    work = epochs * (3 * n.get("train", 0) + n.get("val", 0)) + n.get("test", 0)
+    work = _forward_passes(data, int(cfg.advise.get("min_epochs_in_budget", 3)))
     return max(0.0, budget_s - clock_elapsed()), work
 
 
@@ -182,11 +186,10 @@ def ranking_cost_share(recipe: DictConfig, data: DataSplits, sample: int, candid
     else each epoch's training images three times (forward and backward) and val once, and test once.
     Both are counted in images, at the measuring backbone's cost per image (candidates cost more).
     """
-    n = {split: len(items) for split, items in data.splits.items()}
     if str(recipe.freeze.name) == "head_only" and str(recipe.augment.name) == "none" and recipe.cache_features:
-        work = sum(n.values())
+        work = sum(len(items) for items in data.splits.values())
     else:
-        work = int(recipe.trainer.max_epochs) * (3 * n.get("train", 0) + n.get("val", 0)) + n.get("test", 0)
+        work = _forward_passes(data, int(recipe.trainer.max_epochs))
     return (candidates - 1) * sample / max(1, work)
 
 
