@@ -13,6 +13,7 @@ subsets the rest), so all sizes are scored on the same images.
 
     python benchmarks/data_efficiency.py [--sizes 10 100 1000] [--budgets 1m 1m30s 3m] [--out DIR]
     python benchmarks/data_efficiency.py --sizes 10 100 --budgets none none   # recipe lengths
+    python benchmarks/data_efficiency.py --reuse-sweeps   # auto again, against the sweeps already in --out
     python benchmarks/data_efficiency.py --plot   # only the picture, from the results file
 """
 
@@ -36,13 +37,15 @@ def _run(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def measure(n: int, budget: str, out: Path) -> dict:
+def measure(n: int, budget: str, out: Path, before: dict | None = None) -> dict:
+    """One size: the sweep (or, given ``before``, the result file's entry, its finished sweep reused) and auto."""
     # 1,200 val images (val_fraction 0.02), not 6,000: each epoch validates, and budgets are minutes
     data = ["data=fashion_mnist", f"data.train_per_class={n}", "data.val_fraction=0.02", "seed=42",
             *([f"budget={budget}"] if budget != "none" else [])]
     where = out / f"{n}" if budget != "none" else out / f"{n}-recipe"
     sweep_dir = where / "compare"
-    sweep_s = _run(["+recipe=compare", *data, f"hydra.sweep.dir={sweep_dir}"])
+    reuse = before is not None and (sweep_dir / "comparison.csv").exists()
+    sweep_s = before["sweep_wall_s"] if reuse else _run(["+recipe=compare", *data, f"hydra.sweep.dir={sweep_dir}"])
     with (sweep_dir / "comparison.csv").open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("status") == "ok"]
     fixed = {r["freeze"]: float(r["test_acc"]) for r in rows}
@@ -50,7 +53,8 @@ def measure(n: int, budget: str, out: Path) -> dict:
     auto_s = _run(["+recipe=auto", *data, f"hydra.run.dir={auto_dir}", "overwrite=true"])
     m = json.loads((auto_dir / "metrics.json").read_text())
     best = max(fixed, key=fixed.get)
-    return {
+    kept = {"sweep_reused": True, "auto_before": before["auto"]} if reuse else {}  # what auto got before this run
+    return {**kept,
         "images_per_class": n, "budget": budget,
         "auto": {"test_acc": m["test_acc"], "wall_s": round(auto_s, 1), "recipe": m["advised_recipe"],
                  "backbone": m["backbone"], "freeze": m["freeze"], "epochs": m["epochs"],
@@ -99,15 +103,19 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["1m", "1m30s", "3m"])
     parser.add_argument("--out", type=Path, default=Path("outputs/data_efficiency"))
     parser.add_argument("--plot", action="store_true", help="only draw the picture from the results file")
+    parser.add_argument("--reuse-sweeps", action="store_true",
+                        help="rerun only auto where --out holds a finished sweep (its time read from the results file)")
     args = parser.parse_args()
     if len(args.budgets) != len(args.sizes):
         parser.error("one budget per size")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.plot:
         for n, budget in zip(args.sizes, args.budgets):
-            r = measure(n, budget, args.out)
+            key = str(n) if budget != "none" else f"{n}-recipe"
+            before = results.get(key) if args.reuse_sweeps and results.get(key, {}).get("budget") == budget else None
+            r = measure(n, budget, args.out, before)
             results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # another size may have landed
-            results[str(n) if budget != "none" else f"{n}-recipe"] = r
+            results[key] = r
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{n}/class, budget {budget}: auto {100 * r['auto']['test_acc']:.2f}% in {r['auto']['wall_s']:.0f}s "
                   f"({r['auto']['recipe']}, {r['auto']['backbone']}); best fixed {r['best_fixed']} "

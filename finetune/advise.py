@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
+from finetune.budget import clock_elapsed, run_budget_s
 from finetune.errors import FineTuneError, run_command
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 
@@ -72,7 +73,9 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
         ``recipe``, ``size``, ``similarity``, ``reason``, ``measurements`` and ``thresholds``.
     """
     from finetune.builders import build_datamodule
+    from finetune.config import compose
     from finetune.data import ImageDataModule
+    from finetune.short_budget import short_budget_choice
     from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
     from finetune.similarity import measure_similarity
 
@@ -121,10 +124,9 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     similarity = "similar" if similar else "dissimilar"
     recipe = f"{size['size']}_{similarity}"
     ranking = None
+    recipe_cfg = compose([f"+recipe={recipe}"]) if candidates or cfg.get("budget") else None
     if candidates:
-        from finetune.config import compose
-
-        share = ranking_cost_share(compose([f"+recipe={recipe}"]), dm.data, len(idx), len(candidates))
+        share = ranking_cost_share(recipe_cfg, dm.data, len(idx), len(candidates))
         if share > float(a.rank_max_share):  # the ranking would cost a large part of the run it informs
             ranking = {"skipped": f"ranking would add {share:.0%} to the forward passes of {recipe}'s run "
                                   f"(advise.rank_max_share={a.rank_max_share}): {cfg.backbone.name} trains"}
@@ -135,6 +137,12 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
         ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates, trust_logme=trust)
     if features is not None and measured is not None:
         features.append(measured)
+    budget_strategy = None
+    if recipe_cfg is not None and run_budget_s(cfg) is not None:  # a short budget trains fewer layers
+        chosen = next((r for r in (ranking or {}).get("candidates", []) if r["name"] == ranking.get("chosen")), None)
+        speed = chosen["images_per_s"] if chosen else len(idx) / max(pass_s, 1e-9)
+        seconds_left = max(0.0, run_budget_s(cfg) - clock_elapsed())
+        budget_strategy = short_budget_choice(recipe_cfg, dm.data, speed, seconds_left, a)
 
     by_stage = [d for d in sim.bn_divergence_by_stage if d is not None]
     half = len(by_stage) // 2
@@ -165,6 +173,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
         },
         "thresholds": {"small_below": int(a.small_below), "similar_below": float(a.similar_below)},
         **({"backbones": ranking} if ranking else {}),
+        **({"budget_strategy": budget_strategy} if budget_strategy else {}),
     }
 
 
@@ -216,6 +225,12 @@ def follow_advice(
     ranked = advice.get("backbones") or {}  # chosen with a reason, or skipped with why
     if ranked:
         print(f"backbone: {ranked.get('reason') or ranked['skipped']}", flush=True)
+    short = advice.get("budget_strategy") or {}  # finetune/short_budget.py; the user's freeze= wins
+    if short:
+        print(f"budget: {short['reason']}", flush=True)
+    steps_down = bool(short.get("step_down")) and not any(o.lstrip("+~").split("=")[0] == "freeze" for o in overrides)
+    if steps_down:
+        switch.append(f"freeze={short['step_down']}")
     # With a budget the plan decides whether the LR finder fits (finetune.lr_find); the user's optim.lr wins.
     share = float(cfg.advise.lr_find_share)
     finds = bool(cfg.get("budget")) and share > 0 and not any(o.lstrip("+~").startswith("optim.lr=") for o in overrides)
@@ -223,6 +238,8 @@ def follow_advice(
     extra = {"recipe": "auto", "advised_recipe": advice["recipe"], "advice": advice["reason"]}
     if backbone:
         extra["advised_backbone"] = backbone
+    if steps_down:
+        extra["advised_freeze"] = short["step_down"]
     return chosen, extra, features
 
 

@@ -31,7 +31,7 @@ from finetune.features import PrecomputedFeatures, split_fingerprint, state_dige
 from finetune.logme import logme
 from finetune.similarity import measure_similarity
 
-__all__ = ["CandidateScore", "MeasuredPass", "candidate_names", "choose_backbone", "rank_backbones",
+__all__ = ["CandidateScore", "MeasuredPass", "candidate_names", "choose_backbone", "forward_passes", "rank_backbones",
            "ranking_cost_share"]
 
 
@@ -158,7 +158,7 @@ def _run_candidate(
     return feats, seconds, built.weights_source
 
 
-def _forward_passes(data: DataSplits, epochs: int) -> int:
+def forward_passes(data: DataSplits, epochs: int) -> int:
     """Forward passes of ``epochs`` epochs: a training image costs about three (the backward pass about two:
     Kaplan et al. 2020), each epoch validates, and the test split is passed once."""
     n = {split: len(items) for split, items in data.splits.items()}
@@ -174,7 +174,7 @@ def _budget_work(cfg: DictConfig, data: DataSplits) -> tuple[float | None, int |
     budget_s = run_budget_s(cfg)
     if budget_s is None:
         return None, None
-    work = _forward_passes(data, int(cfg.advise.get("min_epochs_in_budget", 3)))
+    work = forward_passes(data, int(cfg.advise.get("min_epochs_in_budget", 3)))
     return max(0.0, budget_s - clock_elapsed()), work
 
 
@@ -189,7 +189,7 @@ def ranking_cost_share(recipe: DictConfig, data: DataSplits, sample: int, candid
     if str(recipe.freeze.name) == "head_only" and str(recipe.augment.name) == "none" and recipe.cache_features:
         work = sum(len(items) for items in data.splits.values())
     else:
-        work = _forward_passes(data, int(recipe.trainer.max_epochs))
+        work = forward_passes(data, int(recipe.trainer.max_epochs))
     return (candidates - 1) * sample / max(1, work)
 
 

@@ -1,0 +1,80 @@
+"""Under a short ``budget=``, ``+recipe=auto`` trains fewer layers than its recipe would.
+
+The recipes' schedules follow BiT-HyperRule (Kolesnikov et al. 2020): ``small_dissimilar`` fine-tunes
+every layer for 25 epochs. A budget can afford a fraction of that; the planner then shortens the
+schedule so that it completes on time (finetune/budget.py), but a whole network trained for a few
+epochs from a random head is where full fine-tuning does worst: the head's first, random gradients
+reach every pretrained layer (Kumar et al. 2022, "Fine-tuning can distort pretrained features"), and
+too few steps remain to recover. The course's rule extends from examples to steps: with less to learn
+from, keep more of the pretrained weights fixed. So where the recipe trains every layer
+(``freeze=none``) and the budget affords less than ``advise.min_schedule_share`` of its epochs,
+``advise.short_budget_freeze`` trains instead (``top_stages``: the last stages adapt, as dissimilar data
+needs; each step is cheaper, so more epochs fit). The planner still plans that strategy's epochs from its
+own measured step time.
+
+The epochs afforded are an estimate made before any training step: the advice's sample pass gives the
+backbone's forward images/s, and one epoch costs :func:`finetune.ranking.forward_passes`' count (a
+training image three forward passes). ``advice.json`` records the estimate, the rule and the choice;
+``metrics.json``'s ``budget`` the epochs actually planned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from finetune.data import DataSplits
+from finetune.errors import FineTuneError
+from finetune.ranking import forward_passes
+from finetune.strategies import STRATEGIES
+
+__all__ = ["epochs_affordable", "short_budget_choice"]
+
+# Only a recipe that trains every layer steps down; the others already train a part.
+STEPS_DOWN_FROM = "none"
+
+
+def epochs_affordable(data: DataSplits, images_per_s: float, seconds_left: float) -> float:
+    """Epochs of training (validation each epoch, one test pass) that ``seconds_left`` holds at ``images_per_s``
+    forward passes per second; 0 when even the test pass does not fit."""
+    per_epoch = forward_passes(data, 1) - forward_passes(data, 0)
+    return max(0.0, (seconds_left * images_per_s - forward_passes(data, 0)) / max(1, per_epoch))
+
+
+def short_budget_choice(
+    recipe: DictConfig, data: DataSplits, images_per_s: float, seconds_left: float, advise: Any
+) -> dict[str, Any]:
+    """The ``budget_strategy`` entry of ``advice.json``: the epochs the budget affords the recipe, and the
+    freeze strategy that trains (``step_down``, None where the recipe's own does).
+
+    Args:
+        recipe: the advised recipe's config (its ``freeze`` and ``trainer.max_epochs``).
+        data: the splits (their sizes set the cost of an epoch).
+        images_per_s: the chosen backbone's measured forward passes per second.
+        seconds_left: what is left of the run's budget.
+        advise: ``cfg.advise`` (``min_schedule_share``, ``short_budget_freeze``).
+    """
+    share, freeze = float(advise.min_schedule_share), advise.get("short_budget_freeze")
+    if not 0.0 <= share <= 1.0:
+        raise FineTuneError(f"advise.min_schedule_share must be between 0 and 1, got {share:g}")
+    if freeze and str(freeze) not in STRATEGIES:
+        raise FineTuneError(f"advise.short_budget_freeze: unknown freeze strategy '{freeze}'; choose one of "
+                            f"{', '.join(STRATEGIES)} or null")
+    epochs = epochs_affordable(data, images_per_s, seconds_left)
+    recipe_epochs, own = int(recipe.trainer.max_epochs), str(recipe.freeze.name)
+    entry: dict[str, Any] = {
+        "epochs_affordable": round(epochs, 1), "recipe_epochs": recipe_epochs, "recipe_freeze": own,
+        "images_per_s": round(images_per_s, 1), "seconds_left": round(seconds_left, 1),
+        "min_schedule_share": share, "step_down": None,
+    }  # fmt: skip
+    afforded = f"the budget affords about {epochs:.1f} of {recipe.recipe}'s {recipe_epochs} epochs"
+    if not freeze or own != STEPS_DOWN_FROM:
+        entry["reason"] = f"{afforded}; freeze={own} trains" + ("" if freeze else " (advise.short_budget_freeze=null)")
+    elif epochs >= share * recipe_epochs:
+        entry["reason"] = f"{afforded} (>= advise.min_schedule_share={share:g} of them): freeze={own} trains"
+    else:
+        entry["step_down"] = str(freeze)
+        entry["reason"] = (f"{afforded} (< advise.min_schedule_share={share:g} of them): freeze={freeze} trains, "
+                           f"not {own} (advise.short_budget_freeze)")
+    return entry
