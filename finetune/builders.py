@@ -75,6 +75,9 @@ def check_run_config(cfg: DictConfig) -> None:
 
 
 def _check_find_share(cfg: DictConfig) -> None:
+    steps = cfg.optim.get("find_num_training_steps", 100)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 3:  # the valley rule needs 3 falling points
+        raise FineTuneError(f"optim.find_num_training_steps must be an integer of at least 3, got '{steps}'")
     share = cfg.optim.get("find_share")
     if share is None:
         return
@@ -192,7 +195,9 @@ def _run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     their clocks) and the budget's planner."""
     budget_s = run_budget_s(cfg)
     share = cfg.optim.get("find_share")
-    finder = [FindLR()] if cfg.optim.lr == FIND else [FindLR(budget_share=float(share))] if share is not None else []
+    steps = int(cfg.optim.get("find_num_training_steps", 100))
+    finder = ([FindLR(num_training_steps=steps)] if cfg.optim.lr == FIND
+              else [FindLR(num_training_steps=steps, budget_share=float(share))] if share is not None else [])
     return [*finder, *([BudgetPlanner(budget_s)] if budget_s else [])]
 
 

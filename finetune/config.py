@@ -82,6 +82,7 @@ class OptimConfig:
         weight decay on it then (the head keeps it); 0: off (finetune.l2sp).
     find_share: with ``budget=`` and a numeric ``lr``: run the LR finder when its test takes at most this share
         of the budget, else train at ``lr`` (``+recipe=auto`` sets it from ``advise.lr_find_share``).
+    find_num_training_steps: the LR finder's steps (Lightning's ``num_training_steps``; fastai's ``num_it``).
     """
 
     optimizer: Any = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True})
@@ -92,6 +93,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     l2sp: float = 0.0
     find_share: Optional[float] = None
+    find_num_training_steps: int = 100
 
 
 @dataclass

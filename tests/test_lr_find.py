@@ -110,3 +110,14 @@ def test_lr_find_composes() -> None:
     cfg = compose(["optim.lr=find"])
     check_run_config(cfg)
     assert cfg.optim.lr == "find"
+
+
+def test_the_finders_steps_are_a_knob_and_bad_counts_are_one_line() -> None:
+    from finetune.builders import _run_callbacks
+
+    assert _run_callbacks(compose(["optim.lr=find", "optim.find_num_training_steps=12"]))[0]._num_training_steps == 12
+    budgeted = _run_callbacks(compose(["budget=5m", "optim.find_share=0.1", "optim.find_num_training_steps=7"]))
+    assert budgeted[0]._num_training_steps == 7
+    for bad in ("2", "-5"):
+        with pytest.raises(FineTuneError, match=f"optim.find_num_training_steps must be an integer of at least 3, got '{bad}'"):
+            check_run_config(compose(["optim.lr=find", f"optim.find_num_training_steps={bad}"]))

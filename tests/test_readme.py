@@ -25,7 +25,7 @@ from conftest import write_image
 README = Path(__file__).resolve().parents[1] / "README.md"
 # A few batches per stage: the whole pipeline runs, briefly.
 TINY = {"trainer.max_epochs": "1", "+trainer.limit_train_batches": "2", "+trainer.limit_val_batches": "2",
-        "+trainer.limit_test_batches": "2", "trainer.enable_progress_bar": "false"}
+        "+trainer.limit_test_batches": "2", "trainer.enable_progress_bar": "false", "optim.find_num_training_steps": "30"}
 # Small images: the backbone's 224 px (folders) or digits' 64 px are slow on a CPU and test nothing more.
 TINY_DATA = {"data.image_size": "32"}
 # Examples naming a backbone whose ImageNet weights come from the hub: the same network, random weights.
