@@ -190,15 +190,22 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     return [_instantiate(f"logger.{k}", v, run_dir) for k, v in node.items() if v is not None]
 
 
-def _run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+def _run_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     """What ``optim.lr=find`` and ``budget=`` add: the LR finder (first: its test runs before the others start
-    their clocks) and the budget's planner."""
+    their clocks) and the budget's planner (a tune trial's with what earlier trials left: finetune.trial_budget)."""
     budget_s = run_budget_s(cfg)
+    trial = None
+    if budget_s and cfg.get("recipe") == "tune":
+        from finetune.trial_budget import in_sequential_sweep, trial_share
+
+        if in_sequential_sweep():
+            trial = trial_share(budget_s, int(cfg.tune.n_trials), run_dir)
+            budget_s = trial["budget_s"]
     share = cfg.optim.get("find_share")
     steps = int(cfg.optim.get("find_num_training_steps", 100))
     finder = ([FindLR(num_training_steps=steps)] if cfg.optim.lr == FIND
               else [FindLR(num_training_steps=steps, budget_share=float(share))] if share is not None else [])
-    return [*finder, *([BudgetPlanner(budget_s)] if budget_s else [])]
+    return [*finder, *([BudgetPlanner(budget_s, record={"trial": trial} if trial else None)] if budget_s else [])]
 
 
 def _has_progress_bar(callbacks: Sequence[Any]) -> bool:
@@ -213,7 +220,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> pl.Trainer:
     kwargs: dict[str, Any] = _plain(cfg.trainer)
     # Checkpoints written beside their target and renamed: a kill never leaves a partial last.ckpt.
     plugins = [AtomicCheckpointIO(), *(kwargs.pop("plugins", None) or [])]
-    callbacks = [*_run_callbacks(cfg), *build_callbacks(cfg, run_dir)]
+    callbacks = [*_run_callbacks(cfg, run_dir), *build_callbacks(cfg, run_dir)]
     if kwargs.get("enable_progress_bar", True) and not _has_progress_bar(callbacks) and not sys.stdout.isatty():
         # TQDM's redraws become one line per step in a pipe or a log file: one line per epoch there instead.
         from finetune.callbacks.epoch_line import EpochLine

@@ -115,8 +115,9 @@ def test_lr_find_composes() -> None:
 def test_the_finders_steps_are_a_knob_and_bad_counts_are_one_line() -> None:
     from finetune.builders import _run_callbacks
 
-    assert _run_callbacks(compose(["optim.lr=find", "optim.find_num_training_steps=12"]))[0]._num_training_steps == 12
-    budgeted = _run_callbacks(compose(["budget=5m", "optim.find_share=0.1", "optim.find_num_training_steps=7"]))
+    found = _run_callbacks(compose(["optim.lr=find", "optim.find_num_training_steps=12"]), Path("run"))
+    assert found[0]._num_training_steps == 12
+    budgeted = _run_callbacks(compose(["budget=5m", "optim.find_share=0.1", "optim.find_num_training_steps=7"]), Path("run"))
     assert budgeted[0]._num_training_steps == 7
     for bad in ("2", "-5"):
         with pytest.raises(FineTuneError, match=f"optim.find_num_training_steps must be an integer of at least 3, got '{bad}'"):

@@ -167,10 +167,13 @@ class BudgetPlanner(Callback):
         budget_s: seconds the whole run may take, counted from :func:`finetune.budget.budget_clock`.
         warmup_steps: training steps not timed (allocation, cuDNN autotuning, ``torch.compile``).
         timed_steps: training steps (and validation batches) timed.
+        record: more entries for ``metrics.json``'s ``budget`` (a tune trial's share: finetune.trial_budget).
     """
 
-    def __init__(self, budget_s: float, warmup_steps: int = 2, timed_steps: int = 5) -> None:
+    def __init__(self, budget_s: float, warmup_steps: int = 2, timed_steps: int = 5,
+                 record: dict[str, Any] | None = None) -> None:
         self.budget_s = float(budget_s)
+        self.record = record or {}
         self.warmup_steps = warmup_steps
         self.timed_steps = timed_steps
         self.plan: BudgetPlan | None = None
@@ -241,7 +244,7 @@ class BudgetPlanner(Callback):
         trainer.limit_train_batches = self.plan.batches_per_epoch
         allowed = self.budget_s * (1 + OVERRUN) - spent - end_s
         trainer.callbacks.append(Timer(duration=timedelta(seconds=max(1.0, allowed)), interval="step"))
-        self.report = {"budget": format_seconds(self.budget_s), **self.plan.to_dict(),
+        self.report = {"budget": format_seconds(self.budget_s), **self.record, **self.plan.to_dict(),
                        "measured": {"train_batch_s": {str(k): round(v, 4) for k, v in timings.batch_s.items()},
                                     "eval_batch_s": round(timings.eval_batch_s, 4),
                                     "loader_startup_s": round(timings.train_startup_s, 3),

@@ -1,0 +1,59 @@
+"""``+recipe=tune budget=T``: a trial's share of the budget, with what earlier trials left unused handed on.
+
+Each trial is planned to its share (finetune/budget.py: ``T / tune.n_trials``). A trial that Optuna's
+pruner stopped (finetune/callbacks/prune.py), or whose plan ended early (whole epochs that did not fill
+the share), leaves time unused; without handing it on a pruned sweep saves epochs but not one second
+for the trials that follow. So a trial's planner budget is what is left of ``T`` by the finished trials'
+own clocks (``metrics.json``'s ``budget.took_s``), split evenly over the trials still to run, this one
+included: ``(T - spent) / (n_trials - finished)``. An earlier overrun is taken back the same way.
+
+Only where this is sound: a trial of a sweep whose trials run one after another (the tune recipe's
+``hydra.sweeper.n_jobs: 1``), found through Hydra's ``HydraConfig``. Elsewhere, and for the first trial,
+the share is the plain one. A finished trial without ``took_s`` (failed before its plan, or interrupted)
+counts as still to come: its share is not handed on, which can only end the sweep early, never late.
+``metrics.json``'s ``budget.trial`` records the share, what was handed on and from how many trials.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.comparison.runs import collect_runs
+from finetune.errors import FineTuneError
+
+__all__ = ["in_sequential_sweep", "trial_share"]
+
+
+def in_sequential_sweep() -> bool:
+    """Whether this process is a job of a Hydra sweep that runs one trial at a time."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    return str(hc.mode) == "RunMode.MULTIRUN" and int(hc.sweeper.get("n_jobs", 1) or 1) == 1
+
+
+def trial_share(share_s: float, n_trials: int, run_dir: Path) -> dict[str, Any]:
+    """The budget of the trial in ``run_dir``, from the finished trials beside it (its sweep directory).
+
+    Args:
+        share_s: the plain share, ``T / n_trials``.
+        n_trials: the sweep's trials.
+        run_dir: this trial's directory; its siblings are the sweep's other trials.
+
+    Returns:
+        ``budget_s`` (what this trial plans to, at least 1 s), ``share_s``, ``handed_on_s`` (budget_s - share_s),
+        ``finished_trials`` and their ``spent_s``.
+    """
+    try:
+        runs = collect_runs(run_dir.parent)
+    except FineTuneError:  # nothing beside this trial yet
+        runs = []
+    took = [float(r.metrics["budget"]["took_s"]) for r in runs
+            if r.path.resolve() != run_dir.resolve() and (r.metrics.get("budget") or {}).get("took_s") is not None]
+    left = n_trials - len(took)
+    budget_s = share_s if not took or left < 1 else max(1.0, (share_s * n_trials - sum(took)) / left)
+    return {"budget_s": round(budget_s, 2), "share_s": round(share_s, 2), "handed_on_s": round(budget_s - share_s, 2),
+            "finished_trials": len(took), "spent_s": round(sum(took), 2)}
