@@ -153,7 +153,7 @@ class TuneConfig:
 
     Attributes:
         n_trials: trials of the search (``hydra.sweeper.n_trials`` follows it); with ``budget=T`` each trial
-            gets ``T / n_trials``.
+            gets ``T / n_trials`` and what the finished trials left unused (finetune.trial_budget).
         pruner: the Optuna pruner that stops a hopeless trial after an epoch (finetune.callbacks.prune), a step
             being an epoch from 0; null: no pruning. Optuna's MedianPruner with 3 completed trials before any
             pruning (Optuna's 5 leaves few of 8 trials to prune), judging from epoch 2 on: lp_ft trains only the
