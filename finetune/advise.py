@@ -75,8 +75,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     from finetune.builders import build_datamodule
     from finetune.config import compose
     from finetune.data import ImageDataModule
-    from finetune.short_budget import short_budget_choice
     from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
+    from finetune.short_budget import short_budget_choice
     from finetune.similarity import measure_similarity
 
     a = cfg.advise
