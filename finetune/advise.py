@@ -142,7 +142,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
         chosen = next((r for r in (ranking or {}).get("candidates", []) if r["name"] == ranking.get("chosen")), None)
         speed = chosen["images_per_s"] if chosen else len(idx) / max(pass_s, 1e-9)
         seconds_left = max(0.0, run_budget_s(cfg) - clock_elapsed())
-        budget_strategy = short_budget_choice(recipe_cfg, dm.data, speed, seconds_left, a)
+        budget_strategy = short_budget_choice(recipe_cfg, dm.data, speed, seconds_left, a, int(cfg.data.batch_size),
+                                              int(cfg.trainer.get("accumulate_grad_batches") or 1))
 
     by_stage = [d for d in sim.bn_divergence_by_stage if d is not None]
     half = len(by_stage) // 2

@@ -27,11 +27,17 @@ def test_full_fine_tuning_steps_down_only_below_the_share_of_its_epochs() -> Non
     recipe, a = compose(["+recipe=small_dissimilar"]), compose([]).advise  # 25 epochs of freeze=none; share 0.5
     short = short_budget_choice(recipe, DATA, images_per_s=100, seconds_left=10, advise=a)  # 2.8 of 25 epochs
     assert short["step_down"] == "top_stages" and short["epochs_affordable"] == 2.8 and short["recipe_epochs"] == 25
-    assert "2.8 of small_dissimilar's 25 epochs (< advise.min_schedule_share=0.5" in short["reason"]
+    assert short["steps_affordable"] == 5  # 2 batches of 64 an epoch
+    assert "2.8 of small_dissimilar's 25 epochs, 5 steps (< advise.min_schedule_share=0.5" in short["reason"]
     roomy = short_budget_choice(recipe, DATA, images_per_s=100, seconds_left=50, advise=a)  # 14.2 >= 12.5
     assert roomy["step_down"] is None and "freeze=none trains" in roomy["reason"]
     just_under = short_budget_choice(recipe, DATA, images_per_s=100, seconds_left=43, advise=a)  # 12.2 < 12.5
     assert just_under["step_down"] == "top_stages"
+    # Batches of one: 2.8 epochs are 280 steps, enough for full fine-tuning where advise.min_full_steps is 200.
+    many_steps = compose(["advise.min_full_steps=200"]).advise
+    kept = short_budget_choice(recipe, DATA, images_per_s=100, seconds_left=10, advise=many_steps, batch_size=1)
+    assert kept["step_down"] is None and kept["steps_affordable"] == 280 and "advise.min_full_steps=200" in kept["reason"]
+    assert short_budget_choice(recipe, DATA, 100, 10, many_steps, batch_size=1, accumulate=2)["step_down"] == "top_stages"
 
 
 def test_recipes_that_already_freeze_and_a_null_step_down_keep_their_strategy() -> None:
