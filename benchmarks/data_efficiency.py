@@ -85,6 +85,9 @@ def plot(results: dict) -> None:
                           ("best fixed strategy", [r["fixed"][r["best_fixed"]] for r in rows])):
             ax.plot(x, [100 * y if y is not None else None for y in ys], marker="o", label=label,
                     linestyle=":" if label.startswith("best") else "-")
+        if all("auto_before" in r for r in rows):  # --reuse-sweeps: what auto got before, beside what it gets now
+            ax.plot(x, [100 * r["auto_before"]["test_acc"] for r in rows], marker="x", color="grey", linestyle="--",
+                    label="auto, earlier run (" + "/".join(sorted({str(r["auto_before"]["freeze"]) for r in rows})) + ")")
         ax.set_xscale("log")
         ax.set_xticks(x, [str(v) for v in x])
         ax.set_xlabel("training images per class (Fashion-MNIST)")
