@@ -198,8 +198,9 @@ def _run_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     if budget_s and cfg.get("recipe") == "tune":
         from finetune.trial_budget import in_sequential_sweep, trial_share
 
-        if in_sequential_sweep():
-            trial = trial_share(budget_s, int(cfg.tune.n_trials), run_dir)
+        job_num = in_sequential_sweep()
+        if job_num is not None:
+            trial = trial_share(budget_s, int(cfg.tune.n_trials), run_dir, job_num)
             budget_s = trial["budget_s"]
     share = cfg.optim.get("find_share")
     steps = int(cfg.optim.get("find_num_training_steps", 100))

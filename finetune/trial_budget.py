@@ -8,7 +8,8 @@ own clocks (``metrics.json``'s ``budget.took_s``), split evenly over the trials 
 included: ``(T - spent) / (n_trials - finished)``. An earlier overrun is taken back the same way.
 
 Only where this is sound: a trial of a sweep whose trials run one after another (the tune recipe's
-``hydra.sweeper.n_jobs: 1``), found through Hydra's ``HydraConfig``. Elsewhere, and for the first trial,
+``hydra.sweeper.n_jobs: 1``), found through Hydra's ``HydraConfig``; only trials numbered below this one
+count, so what an earlier sweep left in the same directory does not. Elsewhere, and for the first trial,
 the share is the plain one. A finished trial without ``took_s`` (failed before its plan, or interrupted)
 counts as still to come: its share is not handed on, which can only end the sweep early, never late.
 ``metrics.json``'s ``budget.trial`` records the share, what was handed on and from how many trials.
@@ -25,23 +26,27 @@ from finetune.errors import FineTuneError
 __all__ = ["in_sequential_sweep", "trial_share"]
 
 
-def in_sequential_sweep() -> bool:
-    """Whether this process is a job of a Hydra sweep that runs one trial at a time."""
+def in_sequential_sweep() -> int | None:
+    """This job's number (``hydra.job.num``) when it is a job of a Hydra sweep that runs one trial at a time."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return False
+        return None
     hc = HydraConfig.get()
-    return str(hc.mode) == "RunMode.MULTIRUN" and int(hc.sweeper.get("n_jobs", 1) or 1) == 1
+    if str(hc.mode) != "RunMode.MULTIRUN" or int(hc.sweeper.get("n_jobs", 1) or 1) != 1:
+        return None
+    return int(hc.job.num)
 
 
-def trial_share(share_s: float, n_trials: int, run_dir: Path) -> dict[str, Any]:
+def trial_share(share_s: float, n_trials: int, run_dir: Path, job_num: int | None = None) -> dict[str, Any]:
     """The budget of the trial in ``run_dir``, from the finished trials beside it (its sweep directory).
 
     Args:
         share_s: the plain share, ``T / n_trials``.
         n_trials: the sweep's trials.
         run_dir: this trial's directory; its siblings are the sweep's other trials.
+        job_num: this trial's ``hydra.job.num``: then only the directories numbered below it count (an earlier
+            sweep into the same directory may have left higher-numbered ones).
 
     Returns:
         ``budget_s`` (what this trial plans to, at least 1 s), ``share_s``, ``handed_on_s`` (budget_s - share_s),
@@ -51,8 +56,9 @@ def trial_share(share_s: float, n_trials: int, run_dir: Path) -> dict[str, Any]:
         runs = collect_runs(run_dir.parent)
     except FineTuneError:  # nothing beside this trial yet
         runs = []
-    took = [float(r.metrics["budget"]["took_s"]) for r in runs
-            if r.path.resolve() != run_dir.resolve() and (r.metrics.get("budget") or {}).get("took_s") is not None]
+    before = [r for r in runs if r.path.resolve() != run_dir.resolve()
+              and (job_num is None or (r.path.name.isdigit() and int(r.path.name) < job_num))]
+    took = [float(r.metrics["budget"]["took_s"]) for r in before if (r.metrics.get("budget") or {}).get("took_s") is not None]
     left = n_trials - len(took)
     budget_s = share_s if not took or left < 1 else max(1.0, (share_s * n_trials - sum(took)) / left)
     return {"budget_s": round(budget_s, 2), "share_s": round(share_s, 2), "handed_on_s": round(budget_s - share_s, 2),

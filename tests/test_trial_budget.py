@@ -47,9 +47,18 @@ def test_a_trial_plans_to_the_handed_on_budget_and_metrics_record_it(tmp_path: P
     _finished(sweep, "0", 30.0)
     (sweep / "1").mkdir()
     cfg = compose(["+recipe=tune", "budget=4m", "tune.n_trials=4"])  # 60 s a trial
-    assert not in_sequential_sweep()  # in-process, outside a Hydra sweep: the plain share
+    assert in_sequential_sweep() is None  # in-process, outside a Hydra sweep: the plain share
     plain = [c for c in _run_callbacks(cfg, sweep / "1") if isinstance(c, BudgetPlanner)][0]
     assert plain.budget_s == 60.0 and plain.record == {}
-    monkeypatch.setattr(tb, "in_sequential_sweep", lambda: True)
+    monkeypatch.setattr(tb, "in_sequential_sweep", lambda: 1)
     planner = [c for c in _run_callbacks(cfg, sweep / "1") if isinstance(c, BudgetPlanner)][0]
     assert planner.budget_s == 70.0 and planner.record["trial"]["handed_on_s"] == 10.0  # (240 - 30) / 3
+
+
+def test_only_the_trials_numbered_before_this_one_count(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    _finished(sweep, "0", 30.0)
+    _finished(sweep, "2", 5.0)  # left by an earlier sweep into the same directory
+    (sweep / "1").mkdir()
+    assert trial_share(60.0, 3, sweep / "1", job_num=1)["budget_s"] == 75.0  # (180 - 30) / 2
+    assert trial_share(60.0, 3, sweep / "1")["finished_trials"] == 2  # without the number every sibling counts
