@@ -51,8 +51,8 @@ def _tiny(args: list[str]) -> list[str]:
     if "--help" in args or "--cfg" in args:
         return args
     args = [a for a in args if not a.startswith("trainer.max_epochs=")]  # an example's 20 epochs: one
-    # A budget is filled by design (the planner picks epochs to use it): an example's 10 minutes, 40 seconds.
-    args = ["budget=40s" if a.startswith("budget=") else a for a in args]
+    # A budget is filled by design (the planner picks epochs to use it): an example's 10 minutes, 25 seconds.
+    args = ["budget=25s" if a.startswith("budget=") else a for a in args]
     given = {a.partition("=")[0].lstrip("+") for a in args}
     extra = {k: v for k, v in {**TINY, **TINY_DATA}.items() if k.lstrip("+") not in given}
     name = next((a.partition("=")[2] for a in args if a.startswith("backbone.name=")), None)
