@@ -20,22 +20,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.comparison.runs import collect_runs
+from finetune.comparison.runs import Run, collect_runs
 from finetune.errors import FineTuneError
 
-__all__ = ["in_sequential_sweep", "trial_share"]
+__all__ = ["earlier_runs", "in_sequential_sweep", "sweep_job_num", "trial_share"]
 
 
-def in_sequential_sweep() -> int | None:
-    """This job's number (``hydra.job.num``) when it is a job of a Hydra sweep that runs one trial at a time."""
+def sweep_job_num(sequential_only: bool = False) -> int | None:
+    """This job's number (``hydra.job.num``) when it is a job of a Hydra sweep (one that runs one trial at a time,
+    with ``sequential_only``), else None."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
-    if str(hc.mode) != "RunMode.MULTIRUN" or int(hc.sweeper.get("n_jobs", 1) or 1) != 1:
+    if str(hc.mode) != "RunMode.MULTIRUN" or (sequential_only and int(hc.sweeper.get("n_jobs", 1) or 1) != 1):
         return None
     return int(hc.job.num)
+
+
+def in_sequential_sweep() -> int | None:
+    """This job's number when it is a trial of a sweep that runs one trial at a time."""
+    return sweep_job_num(sequential_only=True)
+
+
+def earlier_runs(run_dir: Path, job_num: int | None) -> list[Run]:
+    """The runs beside ``run_dir`` in its sweep directory; with ``job_num``, only those numbered below it (an earlier
+    sweep into the same directory may have left higher-numbered ones, which this sweep has not run yet)."""
+    try:
+        runs = collect_runs(run_dir.parent)
+    except FineTuneError:  # nothing beside this trial yet
+        return []
+    return [r for r in runs if r.path.resolve() != run_dir.resolve()
+            and (job_num is None or (r.path.name.isdigit() and int(r.path.name) < job_num))]
 
 
 def trial_share(share_s: float, n_trials: int, run_dir: Path, job_num: int | None = None) -> dict[str, Any]:
@@ -52,12 +69,7 @@ def trial_share(share_s: float, n_trials: int, run_dir: Path, job_num: int | Non
         ``budget_s`` (what this trial plans to, at least 1 s), ``share_s``, ``handed_on_s`` (budget_s - share_s),
         ``finished_trials`` and their ``spent_s``.
     """
-    try:
-        runs = collect_runs(run_dir.parent)
-    except FineTuneError:  # nothing beside this trial yet
-        runs = []
-    before = [r for r in runs if r.path.resolve() != run_dir.resolve()
-              and (job_num is None or (r.path.name.isdigit() and int(r.path.name) < job_num))]
+    before = earlier_runs(run_dir, job_num)
     took = [float(r.metrics["budget"]["took_s"]) for r in before if (r.metrics.get("budget") or {}).get("took_s") is not None]
     left = n_trials - len(took)
     budget_s = share_s if not took or left < 1 else max(1.0, (share_s * n_trials - sum(took)) / left)

@@ -105,6 +105,19 @@ def test_fewer_completed_siblings_than_n_startup_trials_never_prune(tmp_path: Pa
     assert run_epochs(median_pruner(), run_dir, [0.0, 0.0, 0.0, 0.0])[1] == [2]
 
 
+def test_trials_an_earlier_sweep_left_in_the_directory_are_not_siblings(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import finetune.callbacks.prune as prune
+
+    run_dir = sweep_with(tmp_path, SIBLINGS[:2])  # trials 0, 1 finished; this is trial 2
+    write_trial(tmp_path / "sweep" / "3", [0.3, 0.5, 0.9])  # an earlier sweep's trial 3: not run by this one yet
+    assert len(prune.sibling_trials(run_dir)) == 3 and len(prune.sibling_trials(run_dir, job_num=2)) == 2
+    monkeypatch.setattr(prune, "sweep_job_num", lambda: 2)  # as in a Hydra sweep: 2 completed, under n_startup_trials
+    assert run_epochs(median_pruner(), run_dir, [0.0, 0.0, 0.0, 0.0])[1] == []
+    monkeypatch.setattr(prune, "sweep_job_num", lambda: None)  # every sibling counts: 3 completed, judged
+    assert run_epochs(median_pruner(), run_dir, [0.0, 0.0, 0.0, 0.0])[1] == [2]
+
+
 def test_no_pruner_never_stops(tmp_path: Path) -> None:
     run_dir = sweep_with(tmp_path, SIBLINGS)
     assert run_epochs(TrialPruner(None), run_dir, [0.0, 0.0, 0.0, 0.0])[1] == []

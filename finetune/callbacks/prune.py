@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 
-from finetune.errors import FineTuneError
+from finetune.trial_budget import earlier_runs, sweep_job_num
 
 __all__ = ["MONITOR", "TrialPruner", "sibling_trials"]
 
@@ -51,23 +51,18 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(verbosity)
 
 
-def sibling_trials(run_dir: Path) -> list[Any]:
+def sibling_trials(run_dir: Path, job_num: int | None = None) -> list[Any]:
     """The finished runs beside ``run_dir`` as Optuna trials: COMPLETE, or PRUNED where ``metrics.json`` says so.
 
     Failed and unfinished runs are left out (Optuna's pruners ignore FAIL and RUNNING trials), and so are
-    runs without a per-epoch curve: they would tell the pruner nothing at any epoch.
+    runs without a per-epoch curve: they would tell the pruner nothing at any epoch. With ``job_num``
+    (``hydra.job.num``) only runs numbered below it count: not what an earlier sweep left in the directory.
     """
     from optuna.trial import TrialState, create_trial
 
-    from finetune.comparison.runs import collect_runs
-
-    try:
-        runs = collect_runs(run_dir.parent)
-    except FineTuneError:  # nothing beside this run yet
-        return []
     trials = []
-    for run in runs:
-        if run.path.resolve() == run_dir.resolve() or run.status != "ok" or not run.val_acc_by_epoch:
+    for run in earlier_runs(run_dir, job_num):
+        if run.status != "ok" or not run.val_acc_by_epoch:
             continue
         curve = dict(run.val_acc_by_epoch)
         pruned = "pruned" in run.metrics
@@ -104,7 +99,7 @@ class TrialPruner(Callback):
         if self.pruner is None or self.pruned is not None:
             return
         with _quiet_optuna():
-            siblings = sibling_trials(Path(trainer.default_root_dir))
+            siblings = sibling_trials(Path(trainer.default_root_dir), sweep_job_num())
             prune = self.should_prune(siblings)
         # Every rank stops together (as EarlyStopping does); all ranks read the same sibling files.
         if not trainer.strategy.reduce_boolean_decision(prune, all=False):
