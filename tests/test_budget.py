@@ -131,3 +131,21 @@ def test_budget_in_metrics_json(make_folder: Callable[..., Path], tmp_path: Path
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["budget"]["epochs_trained"] == metrics["epochs"] >= 1
     assert 0 < written["budget"]["took_s"] and set(written["budget"]["reserved_s"]) >= {"before_training", "test"}
+
+
+def test_epochs_slower_than_planned_stop_training_earlier_by_the_slower_evaluation() -> None:
+    from datetime import timedelta
+
+    from pytorch_lightning.callbacks import Timer
+
+    from finetune.callbacks.budget_planner import BudgetPlanner
+
+    planner = BudgetPlanner(100.0)
+    planner.plan = plan_epochs(100.0, 10, lambda e: 1.0, 0.0, spent_s=10.0, end_s=20.0, whole_epochs=True)
+    assert planner.plan.epochs == 6 and planner.plan.training_s == 60.0  # 10 s an epoch
+    planner._timer_base_s, planner._after_training_s = 100.0, 20.0  # budget x 1.1 - spent; evaluation after training
+    planner.timer = Timer(duration=timedelta(seconds=80.0), interval="step")
+    assert planner.tighten(10.0, 1) == 1.0 and planner.timer._duration == 80.0  # on plan: unchanged
+    assert planner.tighten(40.0, 2) == 2.0 and planner.timer._duration == 60.0  # twice as slow: 40 s kept for evaluation
+    assert planner.report["slowdown"] == 2.0
+    assert planner.tighten(50.0, 5) == 1.0 and planner.timer._duration == 80.0  # faster again: the plan's net, no looser

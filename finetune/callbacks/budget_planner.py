@@ -178,6 +178,10 @@ class BudgetPlanner(Callback):
         self.timed_steps = timed_steps
         self.plan: BudgetPlan | None = None
         self.report: dict[str, Any] = {}
+        self.timer: Timer | None = None
+        self._timer_base_s = 0.0  # the Timer's duration before what comes after training is taken off
+        self._after_training_s = 0.0  # final validation, calibration, test: as measured when planning
+        self._train_start: float | None = None
 
     def _counts(self, trainer: pl.Trainer) -> tuple[int, int, int]:
         dm = trainer.datamodule
@@ -242,8 +246,11 @@ class BudgetPlanner(Callback):
         )
         trainer.fit_loop.max_epochs = self.plan.epochs
         trainer.limit_train_batches = self.plan.batches_per_epoch
-        allowed = self.budget_s * (1 + OVERRUN) - spent - end_s
-        trainer.callbacks.append(Timer(duration=timedelta(seconds=max(1.0, allowed)), interval="step"))
+        self._timer_base_s = self.budget_s * (1 + OVERRUN) - spent - end.get("lr_find", 0.0)
+        self._after_training_s = end_s - end.get("lr_find", 0.0)
+        self.timer = Timer(duration=timedelta(seconds=max(1.0, self._timer_base_s - self._after_training_s)),
+                           interval="step")
+        trainer.callbacks.append(self.timer)
         self.report = {"budget": format_seconds(self.budget_s), **self.record, **self.plan.to_dict(),
                        "measured": {"train_batch_s": {str(k): round(v, 4) for k, v in timings.batch_s.items()},
                                     "eval_batch_s": round(timings.eval_batch_s, 4),
@@ -260,6 +267,31 @@ class BudgetPlanner(Callback):
         for c in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(c, RunRecorder):
                 c.results["budget"] = self.report
+
+    @staticmethod
+    def _finding(trainer: pl.Trainer) -> bool:
+        """Whether the LR finder's test is running: its loop calls the training hooks too."""
+        finder = next((c for c in trainer.callbacks if hasattr(c, "reserve_s")), None)
+        return finder is not None and not finder.result and not finder.skipped
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = None if self._finding(trainer) else time.monotonic()  # as the Timer's clock starts
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._train_start is not None and not self._finding(trainer):
+            self.tighten(time.monotonic() - self._train_start, trainer.current_epoch + 1)
+
+    def tighten(self, elapsed_s: float, epochs_done: int) -> float:
+        """Epochs slower than planned (another process took the CPU after the plan measured it): evaluation will be
+        slower too, so the safety net stops training earlier by as much, keeping the run within the budget plus
+        10%. Returns the slowdown (1: on plan or faster; the net is never loosened)."""
+        if self.plan is None or self.timer is None or epochs_done < 1 or self.plan.training_s <= 0:
+            return 1.0
+        slowdown = max(1.0, elapsed_s / (epochs_done * self.plan.training_s / self.plan.epochs))
+        self.timer._duration = max(1.0, self._timer_base_s - self._after_training_s * slowdown)
+        if slowdown > 1.0:
+            self.report["slowdown"] = round(max(slowdown, self.report.get("slowdown", 1.0)), 2)
+        return slowdown
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.report:
