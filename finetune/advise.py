@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from finetune.budget import clock_elapsed, run_budget_s
+from finetune.budget import budget_left_s
 from finetune.errors import FineTuneError, run_command
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 
@@ -138,10 +138,10 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     if features is not None and measured is not None:
         features.append(measured)
     budget_strategy = None
-    if recipe_cfg is not None and run_budget_s(cfg) is not None:  # a short budget trains fewer layers
+    seconds_left = budget_left_s(cfg)
+    if recipe_cfg is not None and seconds_left is not None:  # a short budget trains fewer layers
         chosen = next((r for r in (ranking or {}).get("candidates", []) if r["name"] == ranking.get("chosen")), None)
         speed = chosen["images_per_s"] if chosen else len(idx) / max(pass_s, 1e-9)
-        seconds_left = max(0.0, run_budget_s(cfg) - clock_elapsed())
         budget_strategy = short_budget_choice(recipe_cfg, dm.data, speed, seconds_left, a, int(cfg.data.batch_size),
                                               int(cfg.trainer.get("accumulate_grad_batches") or 1))
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 from finetune.errors import FineTuneError
 
 __all__ = [
-    "BudgetPlan", "budget_clock", "clock_elapsed", "format_seconds", "images_in_budget", "parse_budget", "plan_epochs",
+    "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed", "format_seconds", "images_in_budget", "parse_budget", "plan_epochs",
     "run_budget_s",
 ]
 
@@ -97,6 +97,12 @@ def clock_elapsed() -> float:
     """Seconds since :func:`budget_clock` started the run (0 outside one)."""
     start = _STARTED.get()
     return time.perf_counter() - start if start is not None else 0.0
+
+
+def budget_left_s(cfg: Any) -> float | None:
+    """What is left of this run's budget (:func:`run_budget_s`) by its clock; None without a budget."""
+    budget_s = run_budget_s(cfg)
+    return None if budget_s is None else max(0.0, budget_s - clock_elapsed())
 
 
 def images_in_budget(budget_s: float, seconds_per_image: float, reserve_s: float = 0.0) -> int:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from finetune.backbones import create_backbone
-from finetune.budget import clock_elapsed, run_budget_s
+from finetune.budget import budget_left_s
 from finetune.data import DataSplits, ImageDataModule
 from finetune.errors import FineTuneError
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
@@ -171,11 +171,10 @@ def _budget_work(cfg: DictConfig, data: DataSplits) -> tuple[float | None, int |
     The sample pass's images/s are forward passes, so a candidate fits when ``work / images_per_s`` is within
     what is left of the budget.
     """
-    budget_s = run_budget_s(cfg)
-    if budget_s is None:
+    left_s = budget_left_s(cfg)
+    if left_s is None:
         return None, None
-    work = forward_passes(data, int(cfg.advise.get("min_epochs_in_budget", 3)))
-    return max(0.0, budget_s - clock_elapsed()), work
+    return left_s, forward_passes(data, int(cfg.advise.get("min_epochs_in_budget", 3)))
 
 
 def ranking_cost_share(recipe: DictConfig, data: DataSplits, sample: int, candidates: int) -> float:

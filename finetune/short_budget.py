@@ -18,8 +18,8 @@ plans the chosen strategy's epochs from its own measured step time.
 The epochs afforded are an estimate made before any training step: the advice's sample pass gives the
 backbone's forward images/s, and one epoch costs :func:`finetune.ranking.forward_passes`' count (a
 training image three forward passes; an upper bound: on full Fashion-MNIST at 32 px a full fine-tuning
-step cost 2.2 forward passes per image, and the estimate was 6.4 epochs where the plan fitted 8). Steps are epochs times ``ceil(train images / data.batch_size)``
-over ``trainer.accumulate_grad_batches``. ``advice.json`` records the estimate, the rule and the choice;
+step cost 2.2 forward passes per image, and the estimate was 6.4 epochs where the plan fitted 8). Steps
+are epochs times ``ceil(train images / data.batch_size)`` over ``trainer.accumulate_grad_batches``. ``advice.json`` records the estimate, the rule and the choice;
 ``metrics.json``'s ``budget`` the epochs actually planned.
 """
 

@@ -219,7 +219,7 @@ class BudgetPlanner(Callback):
             per_image = trainer.datamodule.extraction_time_s / max(1, sum(
                 len(images.data.splits[s]) for s in ("train", "val")) - trainer.datamodule.reused_features)
             end["test_feature_extraction"] = per_image * len(images.data.splits["test"])
-        finder = next((c for c in trainer.callbacks if hasattr(c, "reserve_s")), None)
+        finder = self._finder(trainer)
         if finder is not None:
             cost = finder.reserve_s(timings.batch_s[0], train_b, timings.train_startup_s + val_pass)
             share = getattr(finder, "budget_share", None)
@@ -269,9 +269,13 @@ class BudgetPlanner(Callback):
                 c.results["budget"] = self.report
 
     @staticmethod
-    def _finding(trainer: pl.Trainer) -> bool:
+    def _finder(trainer: pl.Trainer) -> Any:
+        """The LR finder among the callbacks (finetune.lr_find.FindLR, found by what it offers), or None."""
+        return next((c for c in trainer.callbacks if hasattr(c, "reserve_s")), None)
+
+    def _finding(self, trainer: pl.Trainer) -> bool:
         """Whether the LR finder's test is running: its loop calls the training hooks too."""
-        finder = next((c for c in trainer.callbacks if hasattr(c, "reserve_s")), None)
+        finder = self._finder(trainer)
         return finder is not None and not finder.result and not finder.skipped
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -288,6 +292,7 @@ class BudgetPlanner(Callback):
         if self.plan is None or self.timer is None or epochs_done < 1 or self.plan.training_s <= 0:
             return 1.0
         slowdown = max(1.0, elapsed_s / (epochs_done * self.plan.training_s / self.plan.epochs))
+        # Lightning's Timer reads _duration at every check and has no setter for it.
         self.timer._duration = max(1.0, self._timer_base_s - self._after_training_s * slowdown)
         if slowdown > 1.0:
             self.report["slowdown"] = round(max(slowdown, self.report.get("slowdown", 1.0)), 2)
