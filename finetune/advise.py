@@ -75,6 +75,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     from finetune.builders import build_datamodule
     from finetune.config import compose
     from finetune.data import ImageDataModule
+    from finetune.forward_clock import ForwardClock
     from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
     from finetune.short_budget import short_budget_choice
     from finetune.similarity import measure_similarity
@@ -110,9 +111,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     )
     candidates = candidate_names(cfg)
     outputs: list[torch.Tensor] | None = [] if features is not None or candidates else None
-    pass_start = time.perf_counter()
-    sim = measure_similarity(model, batches, outputs)
-    pass_s = time.perf_counter() - pass_start
+    with ForwardClock(model) as clock:
+        sim = measure_similarity(model, batches, outputs)
     measured = PrecomputedFeatures(
         split="train", fingerprint=split_fingerprint(dm.data.splits["train"]),
         data_config=measure_dm.data_config, digest=state_digest(model), channels_last=channels_last,
@@ -132,7 +132,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
                                   f"(advise.rank_max_share={a.rank_max_share}): {cfg.backbone.name} trains"}
             candidates = []
     if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
-        own = MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, pass_s) if measured else None
+        own = MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, clock.images_per_s) if measured else None
         trust = {"all": True, "similar": similar, "none": False}[str(a.trust_logme)]
         ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates, trust_logme=trust)
     if features is not None and measured is not None:
@@ -141,7 +141,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     seconds_left = budget_left_s(cfg)
     if recipe_cfg is not None and seconds_left is not None:  # a short budget trains fewer layers
         chosen = next((r for r in (ranking or {}).get("candidates", []) if r["name"] == ranking.get("chosen")), None)
-        speed = chosen["images_per_s"] if chosen else len(idx) / max(pass_s, 1e-9)
+        speed = chosen["images_per_s"] if chosen else clock.images_per_s
         budget_strategy = short_budget_choice(recipe_cfg, dm.data, speed, seconds_left, a, int(cfg.data.batch_size),
                                               int(cfg.trainer.get("accumulate_grad_batches") or 1))
 

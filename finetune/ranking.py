@@ -3,9 +3,10 @@
 Each candidate of ``advise.candidates`` (the given backbone is always one of them) runs the
 advice's seeded sample of training images at the resolution it would train at (``data.image_size``,
 else its own pretrained input size), and its pooled features are scored with
-:func:`finetune.logme.logme`. The pass is timed (images/s): it is the cost of every forward pass
-through that backbone. :func:`choose_backbone` then applies one rule, documented there, and
-``advice.json`` lists every candidate with its score, images/s and the choice.
+:func:`finetune.logme.logme`. Its forward calls are timed (images/s, by
+:class:`finetune.forward_clock.ForwardClock`): the cost of every forward pass through that
+backbone. :func:`choose_backbone` then applies one rule, documented there, and ``advice.json``
+lists every candidate with its score, images/s and the choice.
 
 The candidate that measured similarity is not run twice: its pass is the advice's own, timed the
 same way (every candidate's pass collects BatchNorm statistics, so the timings compare).
@@ -14,7 +15,6 @@ same way (every candidate's pass collects BatchNorm statistics, so the timings c
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -27,6 +27,7 @@ from finetune.backbones import create_backbone
 from finetune.budget import budget_left_s
 from finetune.data import DataSplits, ImageDataModule
 from finetune.errors import FineTuneError
+from finetune.forward_clock import ForwardClock
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 from finetune.logme import logme
 from finetune.similarity import measure_similarity
@@ -37,13 +38,13 @@ __all__ = ["CandidateScore", "MeasuredPass", "candidate_names", "choose_backbone
 
 @dataclass
 class MeasuredPass:
-    """The advice's own pass over the sample: who ran it, at which preprocessing, its outputs and time."""
+    """The advice's own pass over the sample: who ran it, at which preprocessing, its outputs and speed."""
 
     name: str
     data_config: dict[str, Any]
     channels_last: bool
     features: PrecomputedFeatures
-    seconds: float
+    images_per_s: float
 
 
 @dataclass
@@ -131,12 +132,12 @@ def choose_backbone(
 def _run_candidate(
     cfg: DictConfig, name: str, data: DataSplits, idx: np.ndarray, measured: MeasuredPass | None
 ) -> tuple[PrecomputedFeatures, float, str]:
-    """The candidate's features of the sample, its seconds for them, and where its weights came from."""
+    """The candidate's features of the sample, its forward images/s, and where its weights came from."""
     cdm = ImageDataModule(data, image_size=cfg.data.get("image_size"), backbone=name)
     channels_last = bool(cfg.backbone.get("channels_last", False))
     if (measured is not None and measured.name == name and measured.data_config == cdm.data_config
             and measured.channels_last == channels_last):
-        return measured.features, measured.seconds, "the advice's pass"
+        return measured.features, measured.images_per_s, "the advice's pass"
     weights = cfg.backbone.weights if name == cfg.backbone.name else None
     built = create_backbone(name, pretrained=True, weights=weights)
     model = built.model
@@ -144,18 +145,17 @@ def _run_candidate(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     loader = DataLoader(Subset(cdm.eval_dataset("train"), idx.tolist()), batch_size=64)
-    # Timed as the advice's pass is: preprocessing at this resolution and BatchNorm statistics included.
+    # Timed as the advice's pass is: the forward calls, BatchNorm statistics included.
     images = (x.contiguous(memory_format=torch.channels_last) if channels_last else x for x, _ in loader)
     outputs: list[torch.Tensor] = []
-    start = time.perf_counter()
-    measure_similarity(model, images, outputs)
-    seconds = time.perf_counter() - start
+    with ForwardClock(model) as clock:
+        measure_similarity(model, images, outputs)
     feats = PrecomputedFeatures(
         split="train", fingerprint=split_fingerprint(data.splits["train"]), data_config=cdm.data_config,
         digest=state_digest(model), channels_last=channels_last, indices=tuple(int(i) for i in idx),
         features=torch.cat(outputs),
     )
-    return feats, seconds, built.weights_source
+    return feats, clock.images_per_s, built.weights_source
 
 
 def forward_passes(data: DataSplits, epochs: int) -> int:
@@ -209,11 +209,11 @@ def rank_backbones(
     rows: list[CandidateScore] = []
     features: dict[str, PrecomputedFeatures] = {}
     for name in names if names is not None else candidate_names(cfg):
-        feats, seconds, weights = _run_candidate(cfg, name, data, idx, measured)
+        feats, images_per_s, weights = _run_candidate(cfg, name, data, idx, measured)
         features[name] = feats
         rows.append(CandidateScore(
             name=name, logme=round(logme(feats.features.numpy(), labels), 5),
-            images_per_s=round(len(idx) / max(seconds, 1e-9), 1), image_size=int(feats.data_config["image_size"]),
+            images_per_s=round(images_per_s, 1), image_size=int(feats.data_config["image_size"]),
             num_features=int(feats.features.shape[1]), weights=weights,
         ))  # fmt: skip
     scores = {r.name: r.logme for r in rows}
