@@ -1,12 +1,15 @@
-"""How fast a model passes images forward, measured so that one noisy moment does not decide it.
+"""How fast a model passes images forward: its forward calls alone, the first call left out.
 
 The advice's sample pass is the only timing the backbone ranking and the short-budget estimate have.
 Timed whole, it charged the first model of the process with one-time costs (kernel selection, memory
-growth) and every candidate with data loading and whatever else the host ran at that moment: on a
-loaded host one run measured Lite1 faster than Lite0 and chose it as "the fastest". So each forward
-call is timed on its own (hooks, nothing in the model changes), the first call is left out where
-there are others, and the rate is that of the fastest batch per image, as ``timeit`` advises for the
-same reason: slower repeats measure interference, not the code.
+growth: its first batch of 64 at 32 px took 1.2x the others) and every candidate with data loading,
+a cost they share and training overlaps with its loader workers. So only the forward calls are timed
+(hooks, nothing in the model changes), and the first call is left out where there are others.
+
+Measured on a host with another process in random bursts on the same core
+(``benchmarks/forward_clock.py --busy``, 10 fresh processes each): the spread of a candidate's
+images/s across runs stayed 9-12%, as timing the whole pass gave; the fastest batch per image
+instead of the mean spread 11-16%. Lite0 measured fastest in every run with either timing.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class ForwardClock:
 
     @property
     def images_per_s(self) -> float:
-        """Images per second of the fastest call per image, the first call left out when there are others.
+        """Images per second inside the forward calls, the first call left out when there are others.
 
         Raises:
             ValueError: no call with images was timed.
@@ -81,4 +84,4 @@ class ForwardClock:
         if not calls:
             raise ValueError("ForwardClock timed no forward call with images")
         steady = calls[1:] or calls
-        return max(n / max(s, 1e-9) for n, s in steady)
+        return sum(n for n, _ in steady) / max(sum(s for _, s in steady), 1e-9)
