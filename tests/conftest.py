@@ -15,6 +15,15 @@ from PIL import Image
 # Unit tests never reach for the network; tests of the hub lookup set their own endpoint.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test worker (the suite runs one worker per core, pyproject's addopts), for the
+    # worker and the commands it starts: workers of as many OpenMP threads as there are cores spin
+    # against each other, and the suite ran slower on 2 cores than one worker did.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 TINY_MODELS = ("test_resnet", "test_efficientnet", "test_vit")
 
 

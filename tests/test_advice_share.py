@@ -61,7 +61,7 @@ def test_rank_one_follows_rank_zeros_advice_without_measuring(monkeypatch, tmp_p
     ("1 some-host-of-an-earlier-run", ME),  # an earlier run's file in a directory this run now holds
     (ME, ""),  # rank 0 has not taken the lock yet
     (f"999999999 {socket.gethostname()}", f"999999999 {socket.gethostname()}"),  # both left by a dead process
-])
+], ids=["earlier-run", "lock-not-taken", "dead-process"])  # fixed ids: pytest-xdist's workers must collect the same
 def test_an_earlier_runs_advice_is_not_followed(monkeypatch, tmp_path: Path, writer: str, holder: str) -> None:
     _as_rank_one(monkeypatch)
     _rank_zero_wrote(tmp_path, {"recipe": "large_similar"}, writer=writer, holder=holder)
