@@ -25,7 +25,10 @@ _EXPORTS = {
     "get_strategy": "finetune.strategies",
 }
 
-__all__ = [*sorted(_EXPORTS, key=str.lower), "__version__"]
+__all__ = [
+    "FeatureDataModule", "FineTuneError", "FineTuneModule", "FreezeSchedule", "FreezeStrategy", "ImageDataModule",
+    "RunRecorder", "create_backbone", "get_strategy", "__version__",
+]
 
 if TYPE_CHECKING:
     from finetune.backbones import create_backbone

@@ -74,6 +74,16 @@ def test_importing_the_library_changes_no_warning_filter() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_import_finetune_loads_neither_lightning_nor_timm_until_a_name_is_used() -> None:
+    code = ("import sys, finetune; heavy = ('pytorch_lightning', 'timm', 'torch'); "
+            "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]; "
+            "assert set(finetune.__all__) == set(finetune._EXPORTS) | {'__version__'}; "
+            "assert all(getattr(finetune, n) is not None for n in finetune.__all__); "
+            "assert 'pytorch_lightning' in sys.modules; from finetune import FineTuneModule, cam")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def _help(module: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,20 @@ def test_digits_split_is_stratified_disjoint_and_seeded() -> None:
     assert sum(len(i) for i in ids) == len(set().union(*ids)) == 1797  # no image in two splits
     other = digits(seed=4)
     assert not np.array_equal(a.splits["test"].labels, other.splits["test"].labels)
+
+
+def test_digits_train_per_class_keeps_val_and_test_and_nests() -> None:
+    full, small, smaller = digits(seed=3), digits(seed=3, train_per_class=20), digits(seed=3, train_per_class=5)
+    assert small.splits["train"].class_counts(10) == [20] * 10 and smaller.splits["train"].class_counts(10) == [5] * 10
+    def images(data, name):
+        return Counter(x.tobytes() for x in data.splits[name].items)
+
+    for name in ("val", "test"):
+        assert images(small, name) == images(full, name)  # the same images score every size
+    assert images(smaller, "train") < images(small, "train") < images(full, "train")  # nested subsets
+    assert small.notes == ["train: 20 image(s) per class kept (train_per_class)"] and full.notes == []
+    with pytest.raises(FineTuneError, match="train_per_class must be at least 1"):
+        digits(train_per_class=0)
 
 
 def test_digits_images_are_rgb_uint8() -> None:

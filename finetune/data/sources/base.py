@@ -39,7 +39,7 @@ from finetune.registry import registrar
 
 __all__ = [
     "SOURCES", "DataSplits", "Source", "Split", "build_source", "check_fields", "hold_out", "register",
-    "rgb_split", "stratified_split", "train_val_test",
+    "per_class_subset", "rgb_split", "stratified_split", "train_val_test",
 ]
 
 
@@ -89,6 +89,22 @@ def hold_out(split: Split, fraction: float, seed: int, what: str = "validation")
     """``split`` as (kept, held out), with a stratified, seeded ``fraction`` of each class held out."""
     kept, held = stratified_split(split.labels, fraction, seed, what)
     return split.subset(kept), split.subset(held)
+
+
+def per_class_subset(split: Split, n: int | None, seed: int, num_classes: int) -> tuple[Split, list[str]]:
+    """A seeded random ``n`` images of each class of ``split`` (a smaller ``n`` picks a subset of a larger one),
+    and the summary's note; ``None``: all of it (``data.train_per_class``).
+
+    Raises:
+        FineTuneError: ``n`` below 1.
+    """
+    if n is None:
+        return split, []
+    if n < 1:
+        raise FineTuneError(f"train_per_class must be at least 1 (or null for all), got {n}")
+    order = np.random.default_rng(seed).permutation(len(split))
+    per_class = [order[split.labels[order] == c][:n] for c in range(num_classes)]
+    return split.subset(np.sort(np.concatenate(per_class))), [f"train: {n} image(s) per class kept (train_per_class)"]
 
 
 def train_val_test(everything: Split, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Split]:

@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from finetune.data.sources.base import DataSplits, Source, Split, hold_out, register, rgb_split
+from finetune.data.sources.base import DataSplits, Source, Split, hold_out, per_class_subset, register, rgb_split
 from finetune.data.sources.idx import read_idx
 from finetune.errors import FineTuneError
 
@@ -78,19 +78,13 @@ class FashionMNIST(Source):
                     "`apt-get install dataset-fashion-mnist` or pass data.path=DIR"
                 )
             raise FineTuneError(f"Fashion-MNIST folder '{root}' does not exist (data.path)")
-        n = self.train_per_class
-        if n is not None and n < 1:
-            raise FineTuneError(f"train_per_class must be at least 1 (or null for all), got {n}")
+        if self.train_per_class is not None and self.train_per_class < 1:  # before reading 60,000 images
+            raise FineTuneError(f"train_per_class must be at least 1 (or null for all), got {self.train_per_class}")
         train_gray, train_labels = _part(root, "train")
         test_gray, test_labels = _part(root, "t10k")
 
         train, val = hold_out(Split(list(train_gray), train_labels), self.val_fraction, seed)
-        notes: list[str] = []
-        if n is not None:
-            order = np.random.default_rng(seed).permutation(len(train))
-            per_class = [order[train.labels[order] == c][:n] for c in range(len(FASHION_MNIST_CLASSES))]
-            train = train.subset(np.sort(np.concatenate(per_class)))
-            notes.append(f"train: {n} image(s) per class kept (train_per_class)")
+        train, notes = per_class_subset(train, self.train_per_class, seed, len(FASHION_MNIST_CLASSES))
         splits = {"train": _rgb(train), "val": _rgb(val), "test": rgb_split(test_gray, test_labels)}
         return DataSplits(f"fashion_mnist:{root}", list(FASHION_MNIST_CLASSES), splits, notes)
 

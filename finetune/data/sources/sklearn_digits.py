@@ -7,7 +7,8 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from finetune.data.sources.base import DataSplits, Source, register, rgb_split, train_val_test
+from finetune.data.sources.base import (DataSplits, Source, per_class_subset, register, rgb_split,
+                                            train_val_test)
 
 __all__ = ["Digits", "digits"]
 
@@ -19,6 +20,8 @@ class Digits(Source):
 
     Attributes:
         val_fraction, test_fraction: held out of the whole pool.
+        train_per_class: N: train on a seeded random N images per class of the training split (val and
+            test stay whole, so runs with different N are scored on the same images); None: all.
     """
 
     source: str = "digits"
@@ -30,6 +33,7 @@ class Digits(Source):
     num_workers: int = 0  # images are in memory and tiny: worker processes would cost more than they save
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    train_per_class: Optional[int] = None
 
     def load(self, seed: int) -> DataSplits:
         from sklearn.datasets import load_digits
@@ -39,7 +43,8 @@ class Digits(Source):
         gray = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
         splits = train_val_test(rgb_split(gray, bunch.target.astype(np.int64)), self.val_fraction,
                                 self.test_fraction, seed)
-        return DataSplits("digits", [str(i) for i in range(10)], splits)
+        splits["train"], notes = per_class_subset(splits["train"], self.train_per_class, seed, 10)
+        return DataSplits("digits", [str(i) for i in range(10)], splits, notes)
 
 
 def digits(seed: int = 0, **fields: Any) -> DataSplits:
