@@ -58,7 +58,9 @@ def measure(n: int, budget: str, out: Path, before: dict | None = None, dataset:
     auto_s = _run(["+recipe=auto", *data, f"hydra.run.dir={auto_dir}", "overwrite=true"])
     m = json.loads((auto_dir / "metrics.json").read_text())
     best = max(fixed, key=fixed.get)
-    kept = {"sweep_reused": True, "auto_before": before["auto"]} if reuse else {}  # what auto got before this run
+    # What auto got before: the first recorded run (the picture's "earlier run"), and every run since
+    kept = {"sweep_reused": True, "auto_before": before.get("auto_before", before["auto"]),
+            "auto_earlier": [*before.get("auto_earlier", []), before["auto"]]} if reuse else {}
     return {**kept,
         "data": dataset, "images_per_class": n, "budget": budget,
         "auto": {"test_acc": m["test_acc"], "wall_s": round(auto_s, 1), "recipe": m["advised_recipe"],

@@ -75,10 +75,10 @@ def main() -> None:
     rows = []
     try:
         for i in range(args.rounds):
-            out = subprocess.run([sys.executable, __file__, "--round"], check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"round {i}: " + ", ".join(f"{n[-5:]} {r['whole_pass']}/{r['forward_clock']}" for n, r in rows[-1].items()),
-                  flush=True)
+            run = subprocess.run([sys.executable, __file__, "--round"], check=True, capture_output=True, text=True)
+            rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            speeds = ", ".join(f"{n[-5:]} {r['whole_pass']}/{r['forward_clock']}" for n, r in rows[-1].items())
+            print(f"round {i} (images/s, whole pass/forward clock): {speeds}", flush=True)
     finally:
         stop.set()
     summary = {}
@@ -88,8 +88,9 @@ def main() -> None:
             "order_kept": sum(a > b > c for a, b, c in speeds), "lite0_fastest": sum(s[0] == max(s) for s in speeds),
             "cv": {n: round(statistics.pstdev(col) / statistics.mean(col), 3) for n, col in zip(NAMES, zip(*speeds))},
         }
-        print(f"{method}: order Lite0>Lite1>Lite2 in {summary[method]['order_kept']}/{len(rows)} rounds, Lite0 fastest in "
-              f"{summary[method]['lite0_fastest']}/{len(rows)}; spread (cv) {summary[method]['cv']}")
+        s = summary[method]
+        print(f"{method}: order Lite0>Lite1>Lite2 in {s['order_kept']}/{len(rows)} rounds, Lite0 fastest in "
+              f"{s['lite0_fastest']}/{len(rows)}; spread (cv) {s['cv']}")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results["busy" if args.busy else "quiet"] = {"rounds": rows, "summary": summary}
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

@@ -132,7 +132,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
                                   f"(advise.rank_max_share={a.rank_max_share}): {cfg.backbone.name} trains"}
             candidates = []
     if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
-        own = MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, clock.images_per_s) if measured else None
+        own = (MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, clock.images_per_s)
+               if measured else None)
         trust = {"all": True, "similar": similar, "none": False}[str(a.trust_logme)]
         ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates, trust_logme=trust)
     if features is not None and measured is not None:

@@ -56,7 +56,8 @@ class ForwardClock:
             self._started = None
 
     def __enter__(self) -> ForwardClock:
-        self._handles = [self.model.register_forward_pre_hook(self._before), self.model.register_forward_hook(self._after)]
+        self._handles = [self.model.register_forward_pre_hook(self._before),
+                         self.model.register_forward_hook(self._after)]
         return self
 
     def __exit__(self, *exc: object) -> None:
