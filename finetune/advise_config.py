@@ -37,9 +37,11 @@ class AdviseConfig:
         lr_find_share: with ``budget=``, auto runs the LR finder when it fits this share of the budget; 0: never.
         min_epochs_in_budget: with ``budget=``, candidates that cannot train this many epochs in what is left of it
             (each training image costing three forward passes) drop out of the ranking; the fastest stays if none can.
-        min_full_steps: with ``budget=``, a recipe that trains every layer (``freeze=none``) trains
-            ``short_budget_freeze`` instead when the budget affords fewer optimizer steps than this
-            (finetune/short_budget.py); 500 is BiT-HyperRule's shortest schedule (for under 20k images).
+        min_schedule_share: with ``budget=``, a recipe that trains every layer (``freeze=none``) trains
+            ``short_budget_freeze`` instead when the budget affords less than this share of its epochs (1:
+            when it cuts the schedule at all) and fewer than ``min_full_steps`` optimizer steps
+            (finetune/short_budget.py).
+        min_full_steps: BiT-HyperRule's shortest fine-tuning schedule (500 steps, for under 20k images).
         short_budget_freeze: the strategy a short budget steps down to; null: never step down.
         wait_timeout_s: under torchrun/srun/ddp, how long the other processes wait for rank 0's advice
             (finetune/advice_share.py); torch's default process-group timeout for gloo.
@@ -58,6 +60,7 @@ class AdviseConfig:
     cost_weight: float = 0.0
     lr_find_share: float = 0.1
     min_epochs_in_budget: int = 3
+    min_schedule_share: float = 1.0
     min_full_steps: int = 500
     short_budget_freeze: Optional[str] = "top_stages"
     wait_timeout_s: float = 1800.0
