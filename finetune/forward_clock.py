@@ -8,8 +8,8 @@ a cost they share and training overlaps with its loader workers. So only the for
 
 Measured on a host with another process in random bursts on the same core
 (``benchmarks/forward_clock.py --busy``, 10 fresh processes each): the spread of a candidate's
-images/s across runs stayed 9-12%, as timing the whole pass gave; the fastest batch per image
-instead of the mean spread 11-16%. Lite0 measured fastest in every run with either timing.
+images/s across runs was 8-12% (coefficient of variation), where timing the whole pass gave 9-11%;
+the fastest batch per image instead of the mean spread 11-16%. Lite0 measured fastest in every run with either timing.
 """
 
 from __future__ import annotations
