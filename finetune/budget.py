@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator
 from finetune.errors import FineTuneError
 
 __all__ = [
-    "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed", "format_seconds", "images_in_budget", "parse_budget", "plan_epochs",
-    "run_budget_s",
+    "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed", "format_seconds", "images_in_budget",
+    "optimizer_steps", "parse_budget", "plan_epochs", "run_budget_s",
 ]
 
 # The plan aims this far under the budget: step times on a shared machine wander by a few percent.
@@ -103,6 +103,12 @@ def budget_left_s(cfg: Any) -> float | None:
     """What is left of this run's budget (:func:`run_budget_s`) by its clock; None without a budget."""
     budget_s = run_budget_s(cfg)
     return None if budget_s is None else max(0.0, budget_s - clock_elapsed())
+
+
+def optimizer_steps(batches: int, accumulate: int = 1) -> int:
+    """Optimizer steps in an epoch of ``batches``: Lightning steps after every ``accumulate`` batches and at the
+    epoch's last batch."""
+    return math.ceil(batches / max(1, accumulate))
 
 
 def images_in_budget(budget_s: float, seconds_per_image: float, reserve_s: float = 0.0) -> int:
@@ -217,7 +223,7 @@ def plan_epochs(
         if 0 < shorter < full and shorter * more > full * epochs:
             epochs, batches = more, shorter
             used = sum(_epoch_s(batches, batch_s, e, epoch_overhead_s) for e in range(epochs))
-    steps = epochs * math.ceil(batches / max(1, accumulate))
+    steps = epochs * optimizer_steps(batches, accumulate)
     return BudgetPlan(
         budget_s=budget_s, epochs=epochs, batches_per_epoch=batches, full_batches_per_epoch=full, steps=steps,
         whole_epochs=whole_epochs, step_s=batch_s(epochs - 1), epoch_overhead_s=epoch_overhead_s, training_s=used,

@@ -28,7 +28,8 @@ backbone's forward images/s, and one epoch costs :func:`finetune.ranking.forward
 training image three forward passes; an upper bound: on full Fashion-MNIST at 32 px a full fine-tuning
 step cost 2.2 forward passes per image, and the estimate was 6.4 epochs where the plan fitted 8; with
 a share of 1, a budget that just affords the recipe can be estimated short of it and step down). Steps
-are epochs times ``ceil(train images / data.batch_size)`` over ``trainer.accumulate_grad_batches``.
+are epochs times an epoch's optimizer steps (its ``ceil(train images / data.batch_size)`` batches over
+``trainer.accumulate_grad_batches``, as :func:`finetune.budget.optimizer_steps` counts them for the plan).
 ``advice.json`` records the estimate, the rule and the choice; ``metrics.json``'s ``budget`` the epochs
 actually planned.
 """
@@ -40,6 +41,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from finetune.budget import optimizer_steps
 from finetune.data import DataSplits
 from finetune.errors import FineTuneError
 from finetune.ranking import forward_passes
@@ -82,7 +84,7 @@ def short_budget_choice(
                             f"{', '.join(STRATEGIES)} or null")
     min_steps = int(advise.min_full_steps)
     epochs = epochs_affordable(data, images_per_s, seconds_left)
-    steps = epochs * math.ceil(len(data.splits["train"]) / max(1, batch_size)) / max(1, accumulate)
+    steps = epochs * optimizer_steps(math.ceil(len(data.splits["train"]) / max(1, batch_size)), accumulate)
     recipe_epochs, own = int(recipe.trainer.max_epochs), str(recipe.freeze.name)
     entry: dict[str, Any] = {
         "epochs_affordable": round(epochs, 1), "steps_affordable": int(steps), "recipe_epochs": recipe_epochs,

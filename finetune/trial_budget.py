@@ -70,7 +70,8 @@ def trial_share(share_s: float, n_trials: int, run_dir: Path, job_num: int | Non
         ``finished_trials`` and their ``spent_s``.
     """
     before = earlier_runs(run_dir, job_num)
-    took = [float(r.metrics["budget"]["took_s"]) for r in before if (r.metrics.get("budget") or {}).get("took_s") is not None]
+    took = [float(r.metrics["budget"]["took_s"]) for r in before
+            if (r.metrics.get("budget") or {}).get("took_s") is not None]
     left = n_trials - len(took)
     budget_s = share_s if not took or left < 1 else max(1.0, (share_s * n_trials - sum(took)) / left)
     return {"budget_s": round(budget_s, 2), "share_s": round(share_s, 2), "handed_on_s": round(budget_s - share_s, 2),

@@ -78,8 +78,6 @@ class FashionMNIST(Source):
                     "`apt-get install dataset-fashion-mnist` or pass data.path=DIR"
                 )
             raise FineTuneError(f"Fashion-MNIST folder '{root}' does not exist (data.path)")
-        if self.train_per_class is not None and self.train_per_class < 1:  # before reading 60,000 images
-            raise FineTuneError(f"train_per_class must be at least 1 (or null for all), got {self.train_per_class}")
         train_gray, train_labels = _part(root, "train")
         test_gray, test_labels = _part(root, "t10k")
 
