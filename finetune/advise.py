@@ -77,7 +77,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     from finetune.data import ImageDataModule
     from finetune.forward_clock import ForwardClock
     from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
-    from finetune.short_budget import short_budget_choice
+    from finetune.short_budget import short_budget_choice, steps_down
+    from finetune.step_rates import measure_step_rates
     from finetune.similarity import measure_similarity
 
     a = cfg.advise
@@ -109,6 +110,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
         x.contiguous(memory_format=torch.channels_last) if channels_last else x
         for x, _ in DataLoader(Subset(dataset, idx.tolist()), batch_size=64)
     )
+    first: list[torch.Tensor] = []  # a few images to time training steps on (finetune/step_rates.py)
+    batches = ((first.append(x[:8].clone()) or x) if not first else x for x in batches)
     candidates = candidate_names(cfg)
     outputs: list[torch.Tensor] | None = [] if features is not None or candidates else None
     with ForwardClock(model) as clock:
@@ -139,11 +142,14 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     if features is not None and measured is not None:
         features.append(measured)
     budget_strategy = None
-    seconds_left = budget_left_s(cfg)
-    if recipe_cfg is not None and seconds_left is not None:  # a short budget trains fewer layers
+    if recipe_cfg is not None and budget_left_s(cfg) is not None:  # a short budget trains fewer layers
         chosen = next((r for r in (ranking or {}).get("candidates", []) if r["name"] == ranking.get("chosen")), None)
-        speed = chosen["images_per_s"] if chosen else clock.images_per_s
-        budget_strategy = short_budget_choice(recipe_cfg, dm.data, speed, seconds_left, a, int(cfg.data.batch_size),
+        rates = None
+        if steps_down(recipe_cfg, a):  # timed on the measuring model, scaled to the chosen one by forward speed
+            rates = measure_step_rates(model, first[0])
+            rates = rates.scaled(chosen["images_per_s"] / clock.images_per_s) if chosen else rates
+        budget_strategy = short_budget_choice(recipe_cfg, dm.data, rates, budget_left_s(cfg), a,
+                                              int(cfg.data.batch_size),
                                               int(cfg.trainer.get("accumulate_grad_batches") or 1))
 
     by_stage = [d for d in sim.bn_divergence_by_stage if d is not None]

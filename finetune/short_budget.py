@@ -23,15 +23,17 @@ Both conditions, measured (docs/auto-budget.md):
   1-minute budget affords 14 of the 25 epochs (28 steps) and ``none`` reached 60.0%, ``top_stages``
   85.0%. The share was 0.5 until this run, and kept ``none``.
 
-The epochs afforded are an estimate made before any training step: the advice's sample pass gives the
-backbone's forward images/s, and one epoch costs :func:`finetune.ranking.forward_passes`' count (a
-training image three forward passes; an upper bound: on full Fashion-MNIST at 32 px a full fine-tuning
-step cost 2.2 forward passes per image, and the estimate was 6.4 epochs where the plan fitted 8; with
-a share of 1, a budget that just affords the recipe can be estimated short of it and step down). Steps
-are epochs times an epoch's optimizer steps (its ``ceil(train images / data.batch_size)`` batches over
-``trainer.accumulate_grad_batches``, as :func:`finetune.budget.optimizer_steps` counts them for the plan).
-``advice.json`` records the estimate, the rule and the choice; ``metrics.json``'s ``budget`` the epochs
-actually planned.
+The epochs afforded are an estimate made before any training step, from rates measured on a copy of
+the backbone (:func:`finetune.step_rates.measure_step_rates`): an epoch costs its training images at
+the training rate and its validation images at the evaluation rate, and the test split is passed once.
+Per-epoch overheads (loader start, checkpoints) are left out, so the estimate leans optimistic. It
+used to scale the advice's sample pass by three forward passes per training image, and came out
+1.5-1.8x short of the epochs the planner fitted (digits at 50/class: 5.7 estimated, 9 planned for
+``none``); with a share of 1, a budget that just afforded the recipe then stepped down.
+Steps are epochs times an epoch's optimizer steps (its ``ceil(train images / data.batch_size)``
+batches over ``trainer.accumulate_grad_batches``, as :func:`finetune.budget.optimizer_steps` counts
+them for the plan). ``advice.json`` records the rates, the estimate, the rule and the choice;
+``metrics.json``'s ``budget`` the epochs actually planned.
 """
 
 from __future__ import annotations
@@ -44,24 +46,30 @@ from omegaconf import DictConfig
 from finetune.budget import optimizer_steps
 from finetune.data import DataSplits
 from finetune.errors import FineTuneError
-from finetune.ranking import forward_passes
+from finetune.step_rates import StepRates
 from finetune.strategies import STRATEGIES
 
-__all__ = ["epochs_affordable", "short_budget_choice"]
+__all__ = ["epochs_affordable", "short_budget_choice", "steps_down"]
 
 # Only a recipe that trains every layer steps down; the others already train a part.
 STEPS_DOWN_FROM = "none"
 
 
-def epochs_affordable(data: DataSplits, images_per_s: float, seconds_left: float) -> float:
-    """Epochs of training (validation each epoch, one test pass) that ``seconds_left`` holds at ``images_per_s``
-    forward passes per second; 0 when even the test pass does not fit."""
-    per_epoch = forward_passes(data, 1) - forward_passes(data, 0)
-    return max(0.0, (seconds_left * images_per_s - forward_passes(data, 0)) / max(1, per_epoch))
+def epochs_affordable(data: DataSplits, rates: StepRates, seconds_left: float) -> float:
+    """Epochs of training (validation each epoch, one test pass) that ``seconds_left`` holds at ``rates``;
+    0 when even the test pass does not fit."""
+    n = {split: len(items) for split, items in data.splits.items()}
+    per_epoch = n.get("train", 0) / rates.train + n.get("val", 0) / rates.eval
+    return max(0.0, (seconds_left - n.get("test", 0) / rates.eval) / max(per_epoch, 1e-9))
+
+
+def steps_down(recipe: DictConfig, advise: Any) -> bool:
+    """Whether a short budget can step ``recipe`` down: it trains every layer and a step-down is set."""
+    return bool(advise.get("short_budget_freeze")) and str(recipe.freeze.name) == STEPS_DOWN_FROM
 
 
 def short_budget_choice(
-    recipe: DictConfig, data: DataSplits, images_per_s: float, seconds_left: float, advise: Any,
+    recipe: DictConfig, data: DataSplits, rates: StepRates | None, seconds_left: float, advise: Any,
     batch_size: int = 64, accumulate: int = 1,
 ) -> dict[str, Any]:
     """The ``budget_strategy`` entry of ``advice.json``: the epochs the budget affords the recipe, and the
@@ -70,7 +78,8 @@ def short_budget_choice(
     Args:
         recipe: the advised recipe's config (its ``freeze`` and ``trainer.max_epochs``).
         data: the splits (their sizes set the cost of an epoch).
-        images_per_s: the chosen backbone's measured forward passes per second.
+        rates: the chosen backbone's measured rates; may be None where :func:`steps_down` is False
+            (nothing steps down, so nothing is estimated).
         seconds_left: what is left of the run's budget.
         advise: ``cfg.advise`` (``min_schedule_share``, ``min_full_steps``, ``short_budget_freeze``).
         batch_size: the run's ``data.batch_size``.
@@ -82,20 +91,22 @@ def short_budget_choice(
     if freeze and str(freeze) not in STRATEGIES:
         raise FineTuneError(f"advise.short_budget_freeze: unknown freeze strategy '{freeze}'; choose one of "
                             f"{', '.join(STRATEGIES)} or null")
-    min_steps = int(advise.min_full_steps)
-    epochs = epochs_affordable(data, images_per_s, seconds_left)
-    steps = epochs * optimizer_steps(math.ceil(len(data.splits["train"]) / max(1, batch_size)), accumulate)
-    recipe_epochs, own = int(recipe.trainer.max_epochs), str(recipe.freeze.name)
+    min_steps, recipe_epochs, own = int(advise.min_full_steps), int(recipe.trainer.max_epochs), str(recipe.freeze.name)
     entry: dict[str, Any] = {
-        "epochs_affordable": round(epochs, 1), "steps_affordable": int(steps), "recipe_epochs": recipe_epochs,
-        "recipe_freeze": own, "images_per_s": round(images_per_s, 1), "seconds_left": round(seconds_left, 1),
+        "recipe_epochs": recipe_epochs, "recipe_freeze": own, "seconds_left": round(seconds_left, 1),
         "min_schedule_share": share, "min_full_steps": min_steps, "step_down": None,
     }  # fmt: skip
+    if not steps_down(recipe, advise):
+        entry["reason"] = f"freeze={own} trains" + ("" if freeze else " (advise.short_budget_freeze=null)")
+        return entry
+    if rates is None:
+        raise ValueError(f"{recipe.recipe} can step down: its estimate needs the measured rates")
+    epochs = epochs_affordable(data, rates, seconds_left)
+    steps = epochs * optimizer_steps(math.ceil(len(data.splits["train"]) / max(1, batch_size)), accumulate)
+    entry.update(epochs_affordable=round(epochs, 1), steps_affordable=int(steps), images_per_s=rates.to_dict())
     afforded = (f"the budget affords about {epochs:.1f} of {recipe.recipe}'s {recipe_epochs} epochs, "
                 f"{int(steps)} steps")
-    if not freeze or own != STEPS_DOWN_FROM:
-        entry["reason"] = f"{afforded}; freeze={own} trains" + ("" if freeze else " (advise.short_budget_freeze=null)")
-    elif epochs >= share * recipe_epochs:
+    if epochs >= share * recipe_epochs:
         entry["reason"] = (f"{afforded} (>= advise.min_schedule_share={share:g} of the epochs: the recipe's "
                            f"schedule): freeze={own} trains")
     elif steps >= min_steps:
