@@ -7,8 +7,9 @@ for them (``python -m finetune.shard --help``: 0.2 s).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from finetune.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -40,13 +41,4 @@ if TYPE_CHECKING:
     from finetune.strategies import FreezeStrategy, get_strategy
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # once loaded, a plain attribute
-        return value
-    raise AttributeError(f"module 'finetune' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, Subset
 
 from finetune.budget import budget_left_s
 from finetune.errors import FineTuneError, run_command
-from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
+
+if TYPE_CHECKING:  # Lightning (finetune.features imports it) takes seconds: --help should not wait
+    from finetune.features import PrecomputedFeatures
 
 __all__ = ["advise", "advise_or_fallback", "follow_advice", "main", "recipe_overrides"]
 
@@ -75,6 +77,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     from finetune.builders import build_datamodule
     from finetune.config import compose
     from finetune.data import ImageDataModule
+    from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
     from finetune.forward_clock import ForwardClock
     from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
     from finetune.short_budget import short_budget_choice, steps_down

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from finetune.backbones import offline_candidates
+from finetune.offline_weights import offline_candidates
 
 __all__ = ["AdviseConfig"]
 

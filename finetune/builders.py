@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.budget import run_budget_s
 from finetune.callbacks.budget_planner import BudgetPlanner
 from finetune.callbacks.ema import ema_from_config
-from finetune.checkpoint_io import AtomicCheckpointIO
+from finetune.checkpoint_plugin import AtomicCheckpointIO
 from finetune.config import OptimConfig
 from finetune.data import ImageDataModule
 from finetune.data.augment import mixing_options

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassCalibrationError
 
 from finetune.errors import FineTuneError
 
@@ -97,6 +96,8 @@ def calibration_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int =
     probs, labels = torch.as_tensor(probs).float(), torch.as_tensor(labels).long()
     if not len(labels):
         return {"nll": None, "ece": None, "brier": None}
+    from torchmetrics.classification import MulticlassCalibrationError  # seconds to import: not for --help
+
     ece = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=n_bins, norm="l1")(probs, labels)
     return {"nll": _nll(probs, labels), "ece": float(ece), "brier": _brier(probs, labels)}
 

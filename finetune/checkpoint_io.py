@@ -2,11 +2,13 @@
 
 Lightning's own ``TorchCheckpointIO`` stages a checkpoint in ``$TMPDIR`` and moves it; when
 ``$TMPDIR`` is another filesystem the move is a copy, and a kill during it leaves the target
-empty or partial (and the staging file behind). :class:`AtomicCheckpointIO` writes a
+empty or partial (and the staging file behind). :class:`~finetune.checkpoint_plugin.AtomicCheckpointIO` writes a
 temporary file beside the target (same filesystem), fsyncs it, renames it over the target
 and fsyncs the directory: at every moment the target is the old complete file or the new
 complete one. A failed write (a full disk, a file-size limit) removes the temporary file,
 leaves the old target as it was and raises a one-line :class:`FineTuneError` naming the path.
+(:class:`AtomicCheckpointIO` is in :mod:`finetune.checkpoint_plugin`: it subclasses Lightning's, and
+reading a checkpoint, as ``predict`` and ``export`` do, should not wait seconds for Lightning to import.)
 
 :func:`safe_load` reads a checkpoint or weights file with ``weights_only=True`` (nothing in it
 is executed) and explains a failure in one line: :func:`load_error_reason`.
@@ -20,14 +22,13 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from finetune.errors import FineTuneError
 
-__all__ = ["AtomicCheckpointIO", "atomic_save", "load_error_reason", "os_error_text", "safe_load"]
+__all__ = ["atomic_save", "load_error_reason", "os_error_text", "safe_load"]
 
 _TMP_SUFFIX = ".tmp"
 
@@ -116,30 +117,6 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
-
-
-def _is_local(path: Any) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO`` with :func:`atomic_save` for local paths.
-
-    Pass it to the trainer: ``pl.Trainer(plugins=[AtomicCheckpointIO()])``. Remote (fsspec)
-    paths keep Lightning's own writer; loading is Lightning's.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None or not _is_local(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        local = str(path)[len("file://"):] if str(path).startswith("file://") else path
-        atomic_save(checkpoint, local)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        try:
-            super().remove_checkpoint(path)
-        except OSError as e:
-            raise FineTuneError(f"cannot remove checkpoint '{path}': {os_error_text(e)}") from None
 
 
 # -- reading -------------------------------------------------------------------------------

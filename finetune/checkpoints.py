@@ -16,7 +16,6 @@ from typing import Any, Mapping
 import torch
 
 from finetune.checkpoint_io import load_error_reason, safe_load
-from finetune.data.transforms import eval_transform
 from finetune.errors import FineTuneError
 
 __all__ = ["Preprocessing", "check_finite", "class_names", "load_checkpoint", "output_dir_of", "resolve_preprocessing",
@@ -40,6 +39,8 @@ class Preprocessing:
 
     def transform(self) -> Any:
         """The albumentations eval pipeline of these settings."""
+        from finetune.data.transforms import eval_transform  # albumentations: seconds to import, not for --help
+
         return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation, self.crop_mode)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from finetune.advise import follow_advice
 from finetune.budget import budget_clock
 from finetune.compare import write_failure
 from finetune.config import CONF_DIR, compose, register_configs
@@ -26,7 +25,6 @@ from finetune.errors import FineTuneError, error_line
 from finetune.help import register_help
 from finetune.resume import resume_config
 from finetune.rundir import claim_run_dir
-from finetune.train import train
 
 register_configs()
 register_help()  # the ${finetune_help:finetune} resolver of --help (hydra.help.template in conf/config.yaml)
@@ -37,6 +35,9 @@ register_help()  # the ${finetune_help:finetune} resolver of --help (hydra.help.
 def _main(cfg: DictConfig) -> float | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from finetune.advise import follow_advice  # here, not above: --help should not wait for Lightning and timm
+    from finetune.train import train
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -88,6 +89,9 @@ def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
 
 def run_job(overrides: Sequence[str], run_dir: str | Path) -> dict[str, Any]:
     """What ``python -m finetune OVERRIDES hydra.run.dir=RUN_DIR`` does (``+recipe=auto`` included), from Python."""
+    from finetune.advise import follow_advice
+    from finetune.train import train
+
     cfg = compose(overrides)
     precomputed, extra = [], None
     if cfg.recipe == "auto":
@@ -137,4 +141,4 @@ def quiet_console() -> None:
 def main() -> None:
     quiet_console()
     # Shard patterns (train-{000000..000009}.tar) taken as typed: Hydra's grammar would read the braces as a dict.
-    run_app(_main, literal_keys=("data.urls", "data.val_urls", "data.test_urls"))
+    run_app(_main, literal_keys=("data.urls", "data.val_urls", "data.test_urls"), help_command="finetune")

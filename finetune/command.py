@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from finetune.argv import expand_home, hydra_quote
 from finetune.errors import FineTuneError, run_hydra
-from finetune.help import hydra_template, register_help
+from finetune.help import app_help, asked_for_help, hydra_template, register_help
 
 register_help()  # the ${finetune_help:NAME} resolver of the commands' --help (hydra.help.template)
 
@@ -91,11 +91,19 @@ def hold_errors(task: Callable[[Any], T]) -> Callable[[Any], T | None]:
     return wrapper
 
 
-def run_app(app: Callable[[], Any], argv: Sequence[str] | None = None, literal_keys: Sequence[str] = ()) -> None:
+def run_app(
+    app: Callable[[], Any], argv: Sequence[str] | None = None, literal_keys: Sequence[str] = (),
+    help_command: str | None = None,
+) -> None:
     """Run ``@hydra.main`` ``app`` on ``argv`` (default: the command line); bad input is one ``error:`` line, exit 2.
 
-    ``app``'s task should be wrapped in :func:`hold_errors`.
+    ``app``'s task should be wrapped in :func:`hold_errors`. With ``help_command``, ``--help``/``-h``
+    prints :func:`finetune.help.app_help` (the text Hydra's template would give) without starting
+    Hydra: Hydra's help lists the config groups in seconds (see :func:`finetune.help.config_groups`).
     """
+    if help_command and asked_for_help(argv):
+        print(app_help(help_command))
+        return
     args = sys.argv[1:] if argv is None else list(argv)
 
     def call() -> None:

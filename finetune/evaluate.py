@@ -31,17 +31,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from finetune.builders import build_datamodule
-from finetune.cam import write_cams
 from finetune.checkpoints import (
     Preprocessing, class_names, load_checkpoint, output_dir_of, resolve_preprocessing, run_dir_of,
 )
 from finetune.command import CommandConfig, command_hydra, check_positive, hold_errors, run_app
 from finetune.config import CONF_DIR, compose
-from finetune.data import ImageDataset
 from finetune.errors import FineTuneError
 from finetune.calibration import calibration_metrics, format_calibration, write_reliability_png
-from finetune.inference import probabilities
 from finetune.metrics import format_report, metrics_of, percent, write_confusion_png
 from finetune.tta import check_tta, check_tta_allowed, format_tta, tta_transform, view_summary
 
@@ -158,6 +154,9 @@ def split_probabilities(
 
     ``tta``: :mod:`finetune.tta`'s views, averaged; ``temperature``: None for the checkpoint's, 1.0 uncalibrated.
     """
+    from finetune.data.datamodule import ImageDataset  # Lightning, as is the inference: not imported for --help
+    from finetune.inference import probabilities
+
     dataset = ImageDataset(split, tta_transform(prep, tta))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     probs, labels = probabilities(module, loader, temperature)
@@ -179,6 +178,9 @@ def _passes(module: Any, split: Split, prep: Preprocessing, cfg: EvaluateConfig,
 
 def evaluate(cfg: EvaluateConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The command: ``cfg`` its own arguments, ``overrides`` the training config's. Returns ``evaluation.json``."""
+    from finetune.builders import build_datamodule
+    from finetune.cam import write_cams
+
     check_positive(cfg, "batch_size", "image_size")
     check_tta(cfg.tta)
     module, raw = load_checkpoint(cfg.ckpt)
@@ -248,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def app(cfg: EvaluateConfig) -> None:
         evaluate(cfg, overrides)
 
-    run_app(app, own, literal_keys=("ckpt", "out_dir"))
+    run_app(app, own, literal_keys=("ckpt", "out_dir"), help_command="evaluate")
 
 
 if __name__ == "__main__":

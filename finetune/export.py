@@ -33,7 +33,6 @@ from torch import nn
 
 from finetune.checkpoints import Preprocessing, class_names, load_checkpoint, output_dir_of, resolve_preprocessing
 from finetune.command import CommandConfig, command_hydra, hold_errors, run_app
-from finetune.data.transforms import INTERPOLATIONS
 from finetune.errors import FineTuneError
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportConfig", "Exported", "Probabilities", "export", "export_module", "main"]
@@ -154,6 +153,8 @@ def preprocessing_json(prep: Preprocessing, names: Sequence[str], fmt: str, mode
 def _cv2_name(interpolation: str) -> str:
     """The name of the OpenCV flag the eval pipeline resizes with (``LINEAR`` for ``bilinear``)."""
     import cv2
+
+    from finetune.data.transforms import INTERPOLATIONS  # albumentations: seconds to import, not for --help
 
     flag = INTERPOLATIONS.get(interpolation, cv2.INTER_CUBIC)  # the unknown fall back to bicubic there too
     return next(n for n in ("NEAREST", "LINEAR", "CUBIC", "AREA", "LANCZOS4") if getattr(cv2, f"INTER_{n}") == flag)
@@ -281,7 +282,7 @@ def _app(cfg: ExportConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.export ckpt=PATH [format=onnx|torchscript] [out=DIR] [dynamo=true]``."""
-    run_app(_app, argv, literal_keys=("ckpt", "out"))
+    run_app(_app, argv, literal_keys=("ckpt", "out"), help_command="export")
 
 
 if __name__ == "__main__":

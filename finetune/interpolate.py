@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import torch
 
-from finetune.builders import build_datamodule
 from finetune.calibration import fit_temperature
 from finetune.checkpoint_io import atomic_save
 from finetune.checkpoints import class_names, load_checkpoint, output_dir_of, resolve_preprocessing, run_dir_of
@@ -60,6 +59,8 @@ def require_same_model(a: tuple[str, dict[str, Any]], b: tuple[str, dict[str, An
 def interpolate(a: str, b: str, alphas: Sequence[float] = DEFAULT_ALPHAS, out: str | None = None,
                 batch_size: int = 64) -> dict[str, Any]:
     """The command; returns what ``interpolation.json`` holds."""
+    from finetune.builders import build_datamodule  # Lightning: seconds to import, not for --help
+
     grid = check_alphas(alphas)
     if batch_size < 1:
         raise FineTuneError(f"batch_size must be a positive integer, got {batch_size}")

@@ -11,12 +11,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 __all__ = ["format_report", "metrics_of", "percent", "write_confusion_png"]
 
@@ -36,6 +30,13 @@ def metrics_of(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) 
         top1 = top5 = None
         precision = recall = torch.zeros(n)
     else:
+        from torchmetrics.classification import (  # seconds to import: not for --help
+            MulticlassAccuracy,
+            MulticlassConfusionMatrix,
+            MulticlassPrecision,
+            MulticlassRecall,
+        )
+
         confusion = MulticlassConfusionMatrix(n)(probs, labels)
         precision = MulticlassPrecision(n, average=None)(probs, labels)
         recall = MulticlassRecall(n, average=None)(probs, labels)

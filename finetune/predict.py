@@ -23,7 +23,6 @@ from finetune.command import CommandConfig, command_hydra, check_positive, hold_
 from finetune.data.images import is_image_file
 from finetune.data.scan import check_on_bad_image
 from finetune.errors import FineTuneError
-from finetune.inference import ImageFiles, probabilities
 from finetune.tta import check_tta, check_tta_allowed, tta_transform
 
 __all__ = [
@@ -98,6 +97,8 @@ def image_probabilities(
     tta: str = "none",
 ) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
     """The readable images in ``paths``' order, their class probabilities, and the unreadable ones with why."""
+    from finetune.inference import ImageFiles, probabilities  # Lightning: not imported for --help
+
     skip = check_on_bad_image(on_bad_image) == "skip"
     files = ImageFiles(paths, tta_transform(prep, tta), batch_size, skip=skip)
     probs, indices = probabilities(module, files.loader())
@@ -172,7 +173,7 @@ def _app(cfg: PredictConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.predict ckpt=PATH images=DIR_OR_FILE[,FILE...] [out=predictions.csv] [batch_size=32]
     [topk=5] [image_size=N] [on_bad_image=error|skip] [tta=none|hflip|five_crop]``."""
-    run_app(_app, argv, literal_keys=("ckpt", "images", "out"))
+    run_app(_app, argv, literal_keys=("ckpt", "images", "out"), help_command="predict")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from timm.models import group_parameters
 from torch import nn
 
 __all__ = ["Stage", "backbone_stages"]
@@ -41,6 +40,8 @@ def backbone_stages(backbone: nn.Module) -> list[Stage]:
     if matcher is None:
         # Not a timm model that describes itself: one stage holding everything.
         return [Stage(0, "all", tuple(names))]
+    from timm.models import group_parameters  # timm takes seconds to import; the strategies' registry does not need it
+
     groups = group_parameters(backbone, matcher(coarse=True))
     stages = []
     for i, (_, members) in enumerate(sorted(groups.items())):

@@ -19,10 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import albumentations as A
 import numpy as np
 import torch
-from torchvision.transforms.functional import five_crop
 
 from finetune.checkpoints import Preprocessing, run_dir_of
 from finetune.errors import FineTuneError
@@ -101,6 +99,9 @@ def tta_transform(prep: Preprocessing, mode: str) -> Any:
         return plain
     if mode == "hflip":
         return _Views(plain, lambda x: [x, x.flip(-1)])
+    import albumentations as A  # seconds to import: not for --help
+    from torchvision.transforms.functional import five_crop
+
     # The eval pipeline up to its center crop (resize, or resize and pad): five_crop takes its place.
     uncropped = A.Compose([t for t in plain.transforms if not isinstance(t, A.CenterCrop)])
     size = prep.image_size

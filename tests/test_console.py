@@ -84,14 +84,24 @@ def test_import_finetune_loads_neither_lightning_nor_timm_until_a_name_is_used()
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+# What --help must not wait for: seconds each to import (8-15 s in all, before they were deferred).
+HEAVY = ("pytorch_lightning", "lightning_fabric", "timm", "albumentations", "torchmetrics")
+
+
 def _help(module: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+    """``python -m MODULE --help``, run by runpy so that the modules it imported can be listed after."""
+    code = ("import json, runpy, sys; sys.argv = [sys.argv[1], '--help']\n"
+            "try:\n    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            f"print('imported: ' + json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr)")
+    return subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_command_answers_help(command: str) -> None:
+def test_every_command_answers_help_without_importing_lightning_timm_or_albumentations(command: str) -> None:
     r = _help(command)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "imported: []" in r.stderr, r.stderr[-2000:]
     assert f"python -m {command}" in r.stdout
     assert re.search(rf"^\s*(example:?\s*)?python -m {re.escape(command)} \S+=?", r.stdout, re.M | re.I), r.stdout
     assert "Traceback" not in r.stderr and "error" not in r.stderr.lower()
@@ -105,6 +115,22 @@ def test_finetune_help_lists_the_commands_the_recipes_and_the_groups() -> None:
         assert re.search(rf"^\s+{name}\s+\S", out, re.M), name  # with its one-line why
     assert "powered by Hydra" not in out
     assert "freeze: " in out and "data: " in out and "--cfg job" in out and "--hydra-help" in out
+
+
+def test_the_config_groups_listed_are_hydras() -> None:
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from finetune.config import CONF_DIR, register_configs
+    from finetune.help import config_groups
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        loader = GlobalHydra.instance().config_loader()
+        hydras = {g: sorted(loader.get_group_options(g)) for g in loader.list_groups("") if g != "hydra"}
+    assert config_groups() == dict(sorted(hydras.items()))
+    assert {"freeze", "data", "recipe", "logger"} <= set(hydras)  # the ConfigStore's and conf/'s
 
 
 def test_hydra_help_still_shows_hydras_flags() -> None:

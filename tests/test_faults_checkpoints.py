@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from conftest import write_image
-from finetune.checkpoint_io import AtomicCheckpointIO, atomic_save
+from finetune.checkpoint_io import atomic_save
+from finetune.checkpoint_plugin import AtomicCheckpointIO
 from finetune.errors import FineTuneError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ val split's logits, sets ``pl_module.temperature`` and writes it into every chec
 run's ``ModelCheckpoint`` callbacks left (``last.ckpt``, ``best.ckpt``): those were written
 during the last validation, before there was a temperature. A checkpoint whose weights are not
 the final ones (``best.ckpt`` of an earlier epoch) gets the temperature fitted for its own
-weights. Files are rewritten through the trainer's checkpoint IO (:class:`AtomicCheckpointIO`
+weights. Files are rewritten through the trainer's checkpoint IO (:class:`~finetune.checkpoint_plugin.AtomicCheckpointIO`
 in a run: the old file or the new one, never half of one). ``metrics.json`` gets the temperature
 and the val NLL, ECE and Brier score before and after.
 """

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
-import albumentations as A
 from omegaconf import OmegaConf
 
 from finetune.errors import FineTuneError
+
+if TYPE_CHECKING:  # albumentations takes seconds to import; the presets do not need it
+    import albumentations as A
 
 __all__ = ["AUGMENT_PRESETS", "MIXING_FIELDS", "AugmentConfig", "build_ops", "mixing_options", "resolve_augment"]
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from finetune.errors import FineTuneError
 from finetune.registry import registrar
@@ -78,6 +77,8 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int, what: str) 
     counts = np.bincount(labels)
     if (counts[counts > 0] < 2).any():
         raise FineTuneError(f"cannot split off a {what} set: some class has only 1 image (need at least 2 per class)")
+    from sklearn.model_selection import train_test_split  # a second to import; only splitting needs it
+
     try:
         kept, split = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
     except ValueError as e:
