@@ -149,3 +149,25 @@ def test_epochs_slower_than_planned_stop_training_earlier_by_the_slower_evaluati
     assert planner.tighten(40.0, 2) == 2.0 and planner.timer._duration == 60.0  # twice as slow: 40 s kept for evaluation
     assert planner.report["slowdown"] == 2.0
     assert planner.tighten(50.0, 5) == 1.0 and planner.timer._duration == 80.0  # faster again: the plan's net, no looser
+
+
+def test_the_net_counts_from_what_the_budget_clock_says_is_left_when_training_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from pytorch_lightning.callbacks import Timer
+
+    import finetune.callbacks.budget_planner as bp
+
+    planner = bp.BudgetPlanner(100.0)
+    planner.plan = plan_epochs(100.0, 10, lambda e: 1.0, 0.0, spent_s=10.0, end_s=20.0, whole_epochs=True)
+    planner._timer_base_s, planner._after_training_s = 95.0, 20.0  # as planned: budget x 1.05 - 10 s spent
+    planner.timer = Timer(duration=timedelta(seconds=75.0), interval="step")
+    # The sanity check and the LR finder took 20 s more than the plan knew of when it set the net.
+    monkeypatch.setattr(bp, "clock_elapsed", lambda: 30.0)
+    planner.on_train_start(SimpleNamespace(callbacks=[]), None)
+    assert planner.timer._duration == pytest.approx(105.0 - 30.0 - 20.0)
+    # Twice as slow after it: the evaluation's 20 s become 40 s, taken off the rebased net.
+    assert planner.tighten(20.0, 1) == 2.0 and planner.timer._duration == pytest.approx(105.0 - 30.0 - 40.0)

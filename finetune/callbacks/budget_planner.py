@@ -5,7 +5,8 @@ few training steps and validation batches on the real data and device (on the mo
 weights, buffers, trainable set and RNG states are put back afterwards), plans the epochs with
 :func:`finetune.budget.plan_epochs`, and sets ``max_epochs`` and ``limit_train_batches`` on the trainer:
 ``estimated_stepping_batches`` then gives the schedule its planned length. A Lightning ``Timer`` is
-the safety net only (the budget plus 10%, less what the end of the run needs). ``metrics.json`` gets
+the safety net only (the budget plus 5%, less what the end of the run needs, so that the run ends
+within 10% even where that need is misjudged). ``metrics.json`` gets
 ``budget``: the plan, the figures it came from, and ``took_s``.
 """
 
@@ -22,7 +23,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, Timer
 from pytorch_lightning.utilities.seed import isolate_rng
 
-from finetune.budget import OVERRUN, BudgetPlan, clock_elapsed, format_seconds, plan_epochs
+from finetune.budget import NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs
 from finetune.errors import FineTuneError
 
 __all__ = ["BudgetPlanner", "Timings"]
@@ -246,7 +247,7 @@ class BudgetPlanner(Callback):
         )
         trainer.fit_loop.max_epochs = self.plan.epochs
         trainer.limit_train_batches = self.plan.batches_per_epoch
-        self._timer_base_s = self.budget_s * (1 + OVERRUN) - spent - end.get("lr_find", 0.0)
+        self._timer_base_s = self.budget_s * (1 + NET_AIM) - spent - end.get("lr_find", 0.0)
         self._after_training_s = end_s - end.get("lr_find", 0.0)
         self.timer = Timer(duration=timedelta(seconds=max(1.0, self._timer_base_s - self._after_training_s)),
                            interval="step")
@@ -279,7 +280,16 @@ class BudgetPlanner(Callback):
         return finder is not None and not finder.result and not finder.skipped
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._train_start = None if self._finding(trainer) else time.monotonic()  # as the Timer's clock starts
+        if self._finding(trainer):
+            self._train_start = None
+            return
+        self._train_start = time.monotonic()  # as the Timer's clock starts
+        elapsed = clock_elapsed()
+        if elapsed > 0 and self.timer is not None:
+            # What the plan could only estimate is spent now (the LR finder, the sanity check, moving the model):
+            # the net counts from what the budget's clock says is left.
+            self._timer_base_s = self.budget_s * (1 + NET_AIM) - elapsed
+            self.timer._duration = max(1.0, self._timer_base_s - self._after_training_s)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._train_start is not None and not self._finding(trainer):
