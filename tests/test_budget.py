@@ -133,22 +133,42 @@ def test_budget_in_metrics_json(make_folder: Callable[..., Path], tmp_path: Path
     assert 0 < written["budget"]["took_s"] and set(written["budget"]["reserved_s"]) >= {"before_training", "test"}
 
 
-def test_epochs_slower_than_planned_stop_training_earlier_by_the_slower_evaluation() -> None:
+def test_steps_slower_than_planned_stop_training_earlier_by_the_slower_evaluation() -> None:
     from datetime import timedelta
+    from types import SimpleNamespace
 
     from pytorch_lightning.callbacks import Timer
 
     from finetune.callbacks.budget_planner import BudgetPlanner
 
     planner = BudgetPlanner(100.0)
-    planner.plan = plan_epochs(100.0, 10, lambda e: 1.0, 0.0, spent_s=10.0, end_s=20.0, whole_epochs=True)
-    assert planner.plan.epochs == 6 and planner.plan.training_s == 60.0  # 10 s an epoch
-    planner._timer_base_s, planner._after_training_s = 100.0, 20.0  # budget x 1.1 - spent; evaluation after training
+    planner.plan = plan_epochs(100.0, 40, lambda e: 0.25, 0.0, spent_s=10.0, end_s=20.0, whole_epochs=True)
+    assert planner.plan.epochs == 6 and planner.plan.step_s == 0.25  # 40 batches of 0.25 s an epoch
+    planner._timer_base_s, planner._after_training_s = 100.0, 20.0  # budget x 1.05 - spent; evaluation after training
     planner.timer = Timer(duration=timedelta(seconds=80.0), interval="step")
-    assert planner.tighten(10.0, 1) == 1.0 and planner.timer._duration == 80.0  # on plan: unchanged
-    assert planner.tighten(40.0, 2) == 2.0 and planner.timer._duration == 60.0  # twice as slow: 40 s kept for evaluation
+    assert planner.tighten(1.0) == 1.0 and planner.timer._duration == 80.0  # on plan: unchanged
+    assert planner.tighten(2.0) == 2.0 and planner.timer._duration == 60.0  # twice as slow: 40 s kept for evaluation
     assert planner.report["slowdown"] == 2.0
-    assert planner.tighten(50.0, 5) == 1.0 and planner.timer._duration == 80.0  # faster again: the plan's net, no looser
+    assert planner.tighten(0.8) == 1.0 and planner.timer._duration == 80.0  # faster again: the plan's net, no looser
+
+    # The pace is of the last quarter epoch (10 batches here), validation left out: on plan, then twice as slow.
+    now = [0.0]
+    planner.clock, planner._train_start = (lambda: now[0]), 0.0
+    trainer = SimpleNamespace(callbacks=[])
+    planner.on_train_epoch_start(trainer, None)
+    for step_s in [0.25] * 10 + [0.5] * 9:
+        now[0] += step_s
+        planner.on_train_batch_end(trainer, None, None, None, 0)
+    assert planner.timer._duration == 80.0  # nine slow batches are not yet a window
+    now[0] += 0.5
+    planner.on_train_batch_end(trainer, None, None, None, 0)
+    assert planner.timer._duration == pytest.approx(60.0)
+    now[0] += 30.0  # a validation pass between epochs does not count as steps
+    planner.on_train_epoch_start(trainer, None)
+    for _ in range(10):
+        now[0] += 0.25
+        planner.on_train_batch_end(trainer, None, None, None, 0)
+    assert planner.timer._duration == 80.0
 
 
 def test_the_net_counts_from_what_the_budget_clock_says_is_left_when_training_starts(
@@ -170,4 +190,4 @@ def test_the_net_counts_from_what_the_budget_clock_says_is_left_when_training_st
     planner.on_train_start(SimpleNamespace(callbacks=[]), None)
     assert planner.timer._duration == pytest.approx(105.0 - 30.0 - 20.0)
     # Twice as slow after it: the evaluation's 20 s become 40 s, taken off the rebased net.
-    assert planner.tighten(20.0, 1) == 2.0 and planner.timer._duration == pytest.approx(105.0 - 30.0 - 40.0)
+    assert planner.tighten(2.0) == 2.0 and planner.timer._duration == pytest.approx(105.0 - 30.0 - 40.0)

@@ -1,13 +1,13 @@
 """The callback that fits a run to its time budget (``budget=10m``): measure, plan, stop on time.
 
-At ``setup("fit")``, before Lightning asks the module for its optimizer and LR schedule, it times a
-few training steps and validation batches on the real data and device (on the module itself, whose
+At ``setup("fit")``, before Lightning asks the module for its optimizer and LR schedule, it times
+(:mod:`finetune.callbacks.step_timing`) a few training steps and validation batches on the real data and device (on the module itself, whose
 weights, buffers, trainable set and RNG states are put back afterwards), plans the epochs with
 :func:`finetune.budget.plan_epochs`, and sets ``max_epochs`` and ``limit_train_batches`` on the trainer:
 ``estimated_stepping_batches`` then gives the schedule its planned length. A Lightning ``Timer`` is
 the safety net only (the budget plus 5%, less what the end of the run needs, so that the run ends
-within 10% even where that need is misjudged). ``metrics.json`` gets
-``budget``: the plan, the figures it came from, and ``took_s``.
+within 10% even where that need is misjudged), set from the pace of the last steps. ``metrics.json``
+gets ``budget``: the plan, the figures it came from, and ``took_s``.
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ from __future__ import annotations
 import math
 import time
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback, Timer
-from pytorch_lightning.utilities.seed import isolate_rng
 
 from finetune.budget import NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs
+from finetune.callbacks.step_timing import Timings, measure
 from finetune.errors import FineTuneError
 
 __all__ = ["BudgetPlanner", "Timings"]
@@ -34,123 +32,6 @@ def _limited(n: int, limit: Any) -> int:
     if isinstance(limit, int) and not isinstance(limit, bool):
         return min(n, limit)
     return n if limit is None or float(limit) >= 1.0 else int(n * float(limit))
-
-
-class Timings:
-    """Seconds measured on the run's own module, data and device."""
-
-    def __init__(self) -> None:
-        self.batch_s: dict[int, float] = {}  # epoch whose trainable set was timed -> seconds per training batch
-        self.train_startup_s = 0.0
-        self.eval_batch_s = 0.0
-        self.eval_startup_s = 0.0
-        self.checkpoint_s = 0.0
-        self.seconds = 0.0  # the measuring itself
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _batches(loader: Iterable[Any], n: int) -> Iterable[tuple[Any, float, bool]]:
-    """``n`` batches (the loader restarted as often as needed), each with its fetch time and whether it restarted."""
-    it, restarted = iter(loader), False
-    for _ in range(n):
-        t = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            it, restarted = iter(loader), True
-            t = time.perf_counter()
-            batch = next(it)
-        yield batch, time.perf_counter() - t, restarted
-        restarted = False
-
-
-def _time_training(trainer: pl.Trainer, module: Any, loader: Iterable[Any], warmup: int, timed: int) -> tuple[float, float]:
-    """Seconds per training batch (data wait included) after ``warmup`` steps, and the loader's start-up seconds."""
-    from hydra.utils import instantiate
-
-    device = trainer.strategy.root_device
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = instantiate(dict(module.hparams.optimizer), _convert_="all")(params, lr=0.0)
-    module.train()
-    fetch: list[float] = []
-    compute: list[float] = []
-    first = 0.0
-    for i, (batch, fetched, restarted) in enumerate(_batches(loader, warmup + timed)):
-        t = time.perf_counter()
-        x, y = batch[0].to(device), batch[1].to(device)
-        with trainer.precision_plugin.forward_context():
-            loss = module.criterion(module(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        _sync(device)
-        if i == 0:
-            first = fetched
-        if i >= warmup:
-            compute.append(time.perf_counter() - t)
-            if not restarted:
-                fetch.append(fetched)
-    optimizer.zero_grad(set_to_none=True)
-    wait = sum(fetch) / len(fetch) if fetch else 0.0
-    return sum(compute) / len(compute) + wait, max(0.0, first - wait)
-
-
-@torch.no_grad()
-def _time_eval(trainer: pl.Trainer, module: Any, loader: Iterable[Any], timed: int) -> tuple[float, float]:
-    device = trainer.strategy.root_device
-    module.eval()
-    times: list[float] = []
-    first = 0.0
-    for i, (batch, fetched, _) in enumerate(_batches(loader, 1 + timed)):
-        t = time.perf_counter()
-        with trainer.precision_plugin.forward_context():
-            module(batch[0].to(device))
-        _sync(device)
-        if i == 0:
-            first = fetched
-        else:
-            times.append(fetched + time.perf_counter() - t)
-    per = sum(times) / len(times) if times else 0.0
-    return per, max(0.0, first - per)
-
-
-def measure(trainer: pl.Trainer, module: Any, epochs_to_time: Iterable[int], warmup: int = 2, timed: int = 5) -> Timings:
-    """Time training steps (for each trainable set in ``epochs_to_time``), evaluation batches and a checkpoint.
-
-    The module is left as it was: weights and buffers (BatchNorm statistics), trainable set, train mode and
-    every RNG (so the run trains as it would have without the measurement).
-    """
-    start = time.perf_counter()
-    dm = trainer.datamodule
-    out = Timings()
-    module.to(trainer.strategy.root_device)  # Lightning moves it only after setup; a GPU run is timed on the GPU
-    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    try:
-        with isolate_rng():
-            train_loader = dm.train_dataloader()
-            for epoch in epochs_to_time:
-                module.apply_freeze(epoch)
-                out.batch_s[epoch], startup = _time_training(trainer, module, train_loader, warmup, timed)
-                out.train_startup_s = max(out.train_startup_s, startup)
-            out.eval_batch_s, out.eval_startup_s = _time_eval(trainer, module, dm.val_dataloader(), timed)
-            # A real file beside the run's checkpoints (a BytesIO misses the disk: digits head_only, 0.09 s vs ~1 s).
-            path = Path(trainer.default_root_dir) / "budget-probe.pt"
-            t = time.perf_counter()
-            try:
-                torch.save({"state_dict": module.state_dict()}, path)
-            finally:
-                path.unlink(missing_ok=True)
-            out.checkpoint_s = time.perf_counter() - t
-    finally:
-        module.load_state_dict(saved)
-        module.apply_freeze(0)
-        module.train()
-    out.seconds = time.perf_counter() - start
-    return out
 
 
 def _start_epochs(module: Any) -> tuple[int | None, int]:
@@ -183,6 +64,8 @@ class BudgetPlanner(Callback):
         self._timer_base_s = 0.0  # the Timer's duration before what comes after training is taken off
         self._after_training_s = 0.0  # final validation, calibration, test: as measured when planning
         self._train_start: float | None = None
+        self._window: tuple[float, int] | None = None  # (start, batches) of the steps the pace is measured over
+        self.clock = time.monotonic
 
     def _counts(self, trainer: pl.Trainer) -> tuple[int, int, int]:
         dm = trainer.datamodule
@@ -291,17 +174,34 @@ class BudgetPlanner(Callback):
             self._timer_base_s = self.budget_s * (1 + NET_AIM) - elapsed
             self.timer._duration = max(1.0, self._timer_base_s - self._after_training_s)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._train_start is not None and not self._finding(trainer):
-            self.tighten(time.monotonic() - self._train_start, trainer.current_epoch + 1)
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window = (self.clock(), 0)  # the pace is of training steps: the last epoch's validation is left out
 
-    def tighten(self, elapsed_s: float, epochs_done: int) -> float:
-        """Epochs slower than planned (another process took the CPU after the plan measured it): evaluation will be
-        slower too, so the safety net stops training earlier by as much, keeping the run within the budget plus
-        10%. Returns the slowdown (1: on plan or faster; the net is never loosened)."""
-        if self.plan is None or self.timer is None or epochs_done < 1 or self.plan.training_s <= 0:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._train_start is None or self._window is None or self.plan is None or self._finding(trainer):
+            return
+        started, batches = self._window[0], self._window[1] + 1
+        # A window of a quarter epoch (5 to 20 batches): one slow batch is not a slower host.
+        if batches < max(5, min(20, self.plan.batches_per_epoch // 4)):
+            self._window = (started, batches)
+            return
+        now = self.clock()
+        self.tighten((now - started) / (batches * self.plan.step_s) if self.plan.step_s > 0 else 1.0)
+        self._window = (now, 0)
+
+    def tighten(self, slowdown: float) -> float:
+        """Training steps ``slowdown`` times slower than planned (another process took the CPU after the plan
+        measured it): evaluation will be slower too, so the safety net stops training earlier by as much.
+
+        Set from the pace of the last few steps, not of the whole run: a host that slowed in the middle of a
+        two-epoch plan ran its second epoch and its test 2x slower while the run's mean said 1.2x, and the run
+        ended at 1.19x of its budget. Returns the slowdown the net is set for (1: on plan or faster; the
+        net is never looser than the plan's).
+        """
+        if self.timer is None:
             return 1.0
-        slowdown = max(1.0, elapsed_s / (epochs_done * self.plan.training_s / self.plan.epochs))
+        slowdown = max(1.0, slowdown)
         # Lightning's Timer reads _duration at every check and has no setter for it.
         self.timer._duration = max(1.0, self._timer_base_s - self._after_training_s * slowdown)
         if slowdown > 1.0:
