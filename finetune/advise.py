@@ -81,8 +81,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     from finetune.forward_clock import ForwardClock
     from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
     from finetune.short_budget import short_budget_choice, steps_down
-    from finetune.step_rates import measure_step_rates
     from finetune.similarity import measure_similarity
+    from finetune.step_rates import measure_step_rates
 
     a = cfg.advise
     if str(a.trust_logme) not in ("all", "similar", "none"):
@@ -114,7 +114,14 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
         for x, _ in DataLoader(Subset(dataset, idx.tolist()), batch_size=64)
     )
     first: list[torch.Tensor] = []  # a few images to time training steps on (finetune/step_rates.py)
-    batches = ((first.append(x[:8].clone()) or x) if not first else x for x in batches)
+
+    def keeping_first(xs: Any) -> Any:
+        for x in xs:
+            if not first:
+                first.append(x[:8].clone())
+            yield x
+
+    batches = keeping_first(batches)
     candidates = candidate_names(cfg)
     outputs: list[torch.Tensor] | None = [] if features is not None or candidates else None
     with ForwardClock(model) as clock:
@@ -137,20 +144,21 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
             ranking = {"skipped": f"ranking would add {share:.0%} to the forward passes of {recipe}'s run "
                                   f"(advise.rank_max_share={a.rank_max_share}): {cfg.backbone.name} trains"}
             candidates = []
+    rates = None  # a training step's and an evaluation pass's images/s, where a budget needs them
+    if recipe_cfg is not None and budget_left_s(cfg) is not None and (candidates or steps_down(recipe_cfg, a)):
+        rates = measure_step_rates(model, first[0])
     if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
         own = (MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, clock.images_per_s)
                if measured else None)
         trust = {"all": True, "similar": similar, "none": False}[str(a.trust_logme)]
-        ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates, trust_logme=trust)
+        ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates, trust_logme=trust, rates=rates)
     if features is not None and measured is not None:
         features.append(measured)
     budget_strategy = None
     if recipe_cfg is not None and budget_left_s(cfg) is not None:  # a short budget trains fewer layers
         chosen = next((r for r in (ranking or {}).get("candidates", []) if r["name"] == ranking.get("chosen")), None)
-        rates = None
-        if steps_down(recipe_cfg, a):  # timed on the measuring model, scaled to the chosen one by forward speed
-            rates = measure_step_rates(model, first[0])
-            rates = rates.scaled(chosen["images_per_s"] / clock.images_per_s) if chosen else rates
+        if rates is not None and chosen:  # timed on the measuring model, scaled to the chosen one by forward speed
+            rates = rates.scaled(chosen["images_per_s"] / clock.images_per_s)
         budget_strategy = short_budget_choice(recipe_cfg, dm.data, rates, budget_left_s(cfg), a,
                                               int(cfg.data.batch_size),
                                               int(cfg.trainer.get("accumulate_grad_batches") or 1))

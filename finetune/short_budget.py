@@ -58,9 +58,8 @@ STEPS_DOWN_FROM = "none"
 def epochs_affordable(data: DataSplits, rates: StepRates, seconds_left: float) -> float:
     """Epochs of training (validation each epoch, one test pass) that ``seconds_left`` holds at ``rates``;
     0 when even the test pass does not fit."""
-    n = {split: len(items) for split, items in data.splits.items()}
-    per_epoch = n.get("train", 0) / rates.train + n.get("val", 0) / rates.eval
-    return max(0.0, (seconds_left - n.get("test", 0) / rates.eval) / max(per_epoch, 1e-9))
+    once = rates.run_seconds(data, 0)
+    return max(0.0, (seconds_left - once) / max(rates.run_seconds(data, 1) - once, 1e-9))
 
 
 def steps_down(recipe: DictConfig, advise: Any) -> bool:

@@ -12,9 +12,11 @@ that were off, in opposite directions (tf_efficientnet_lite0, one thread, batche
 Together the estimate came out 1.5-1.8x short of the epochs the planner then fitted (digits and
 Fashion-MNIST, docs/auto-budget.md). So both rates are timed here, on a copy of the model (its
 weights and BatchNorm statistics stay as they are): a training step's forward and backward in
-train mode, and an evaluation forward under ``torch.no_grad``. A batch of 8 is enough: the training
-rate per image changed by under 15% from batches of 16 to 128 at 32 and 64 px. The first call of each
-is left out (one-time costs), as :class:`finetune.forward_clock.ForwardClock` does.
+train mode, and an evaluation forward under ``torch.no_grad``. On 8 images, to stay cheap (0.4 s at
+32 px, 3.9 s at 224 px): the training rate per image moved by up to 23% between batches of 16 and 128
+(109-134 images/s at 32 px, 68-75 at 64 px), so the run's own batch size can differ from it by about
+that much. The first call of each is left out (one-time costs), as
+:class:`finetune.forward_clock.ForwardClock` does.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ class StepRates:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: round(v, 1) for k, v in asdict(self).items()}
+
+    def run_seconds(self, data: Any, epochs: float) -> float:
+        """Seconds of ``epochs`` epochs of ``data`` (a :class:`~finetune.data.DataSplits`): its training images at
+        the training rate, its validation images each epoch and its test images once at the evaluation rate."""
+        n = {split: len(items) for split, items in data.splits.items()}
+        return epochs * (n.get("train", 0) / self.train + n.get("val", 0) / self.eval) + n.get("test", 0) / self.eval
 
 
 def _output_tensor(out: Any) -> torch.Tensor:
