@@ -148,8 +148,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     if recipe_cfg is not None and budget_left_s(cfg) is not None and (candidates or steps_down(recipe_cfg, a)):
         rates = measure_step_rates(model, first[0])
     if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
-        own = (MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, clock.images_per_s)
-               if measured else None)
+        own = (MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, clock.images_per_s,
+                            sum(p.numel() for p in model.parameters())) if measured else None)
         trust = {"all": True, "similar": similar, "none": False}[str(a.trust_logme)]
         ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates, trust_logme=trust, rates=rates)
     if features is not None and measured is not None:

@@ -34,9 +34,12 @@ class AdviseConfig:
             the forward passes of the recipe's run (photos: head_only on cached features is one pass, ranking 2).
         logme_margin: the cheapest candidate within this much LogME (per-image log evidence) of the best wins.
         cost_weight: LogME subtracted per doubling of time per image (0: cost only breaks near-ties).
+        speed_tolerance: candidates measured within this share of the fastest count as fast as it, and the one
+            with the fewest parameters goes first: beside another run, Lite1 measured 1.19x and 1.25x faster
+            than Lite0 (which runs 1.3x faster alone), and the runs that trained it did not fit ``budget=1m``.
         lr_find_share: with ``budget=``, auto runs the LR finder when it fits this share of the budget; 0: never.
         min_epochs_in_budget: with ``budget=``, candidates that cannot train this many epochs in what is left of it
-            (each training image costing three forward passes) drop out of the ranking; the fastest stays if none can.
+            (at the measured training and evaluation rates) drop out of the ranking; the fastest stays if none can.
         min_schedule_share: with ``budget=``, a recipe that trains every layer (``freeze=none``) trains
             ``short_budget_freeze`` instead when the budget affords less than this share of its epochs (1:
             when it cuts the schedule at all) and fewer than ``min_full_steps`` optimizer steps
@@ -58,6 +61,7 @@ class AdviseConfig:
     rank_max_share: float = 0.1
     logme_margin: float = 0.01
     cost_weight: float = 0.0
+    speed_tolerance: float = 0.3
     lr_find_share: float = 0.1
     min_epochs_in_budget: int = 3
     min_schedule_share: float = 1.0

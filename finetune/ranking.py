@@ -46,6 +46,7 @@ class MeasuredPass:
     channels_last: bool
     features: PrecomputedFeatures
     images_per_s: float
+    params: int = 0  # the backbone's, classifier removed
 
 
 @dataclass
@@ -58,6 +59,7 @@ class CandidateScore:
     image_size: int
     num_features: int
     weights: str
+    params: int = 0
 
 
 def candidate_names(cfg: DictConfig) -> list[str]:
@@ -81,10 +83,14 @@ def choose_backbone(
     cost_weight: float = 0.0,
     work_images: int | None = None,
     trust_logme: bool = True,
+    params: Mapping[str, int] | None = None,
+    speed_tolerance: float = 0.0,
 ) -> tuple[str, str]:
     """The backbone to train, and why: pure, so a budget planner can call it with its own numbers.
 
-    The rule, in order:
+    The rule, in order, over the candidates fastest first, except that those within ``speed_tolerance`` of
+    the fastest count as fast as it and go by ``params``, fewest first (a shared host's timings are noisy;
+    a parameter count is not):
 
     1. With ``budget_s`` and ``work_images`` (the images the plan sends through the backbone),
        candidates that cannot pass ``work_images`` within ``budget_s`` drop out (the fastest stays
@@ -97,14 +103,17 @@ def choose_backbone(
     Args:
         scores: LogME per candidate name.
         imgs_per_s: measured images/s per candidate name (higher is cheaper).
+        params: parameters per candidate name, for ``speed_tolerance``.
 
     Raises:
         FineTuneError: no candidates, or scores and speeds for different names.
     """
     if not scores or set(scores) != set(imgs_per_s):
         raise FineTuneError(f"choose_backbone needs a score and a speed for each candidate, got {scores}, {imgs_per_s}")
-    names = sorted(scores, key=lambda n: -imgs_per_s[n])  # fastest first: ties go to the cheaper
+    names = _cheapest_first(imgs_per_s, params, speed_tolerance)
     fastest = names[0]
+    first = "the fastest" if fastest == max(names, key=lambda n: imgs_per_s[n]) else \
+        f"the fewest parameters within {speed_tolerance:g} of the fastest's images/s (advise.speed_tolerance)"
     notes = []
     if budget_s is not None and work_images:
         fits = [n for n in names if work_images / imgs_per_s[n] <= budget_s]
@@ -113,9 +122,10 @@ def choose_backbone(
             notes.append(f"{', '.join(dropped)} cannot pass {work_images} images in {budget_s:g} s")
         names = fits or [fastest]
     if not trust_logme:
-        reason = "; ".join([*notes, f"{names[0]}: the fastest (LogME not used for this data: advise.trust_logme)"])
+        which = first if names[0] == fastest else "the fastest that fits"
+        reason = "; ".join([*notes, f"{names[0]}: {which} (LogME not used for this data: advise.trust_logme)"])
         return names[0], reason
-    top_speed = imgs_per_s[names[0]]
+    top_speed = max(imgs_per_s[n] for n in names)
     utility = {n: scores[n] - cost_weight * math.log2(top_speed / imgs_per_s[n]) for n in names}
     best = max(names, key=lambda n: utility[n])
     chosen = next(n for n in names if utility[n] >= utility[best] - margin)
@@ -129,16 +139,26 @@ def choose_backbone(
     return chosen, "; ".join([*notes, why])
 
 
+def _cheapest_first(imgs_per_s: Mapping[str, float], params: Mapping[str, int] | None, tolerance: float) -> list[str]:
+    """Names fastest first; those within ``tolerance`` of the fastest first of all, fewest parameters first."""
+    by_speed = sorted(imgs_per_s, key=lambda n: -imgs_per_s[n])
+    if not params or tolerance <= 0:
+        return by_speed
+    top = imgs_per_s[by_speed[0]]
+    tied = sorted((n for n in by_speed if imgs_per_s[n] * (1 + tolerance) >= top), key=lambda n: params[n])
+    return [*tied, *(n for n in by_speed if n not in tied)]
+
+
 @torch.no_grad()
 def _run_candidate(
     cfg: DictConfig, name: str, data: DataSplits, idx: np.ndarray, measured: MeasuredPass | None
-) -> tuple[PrecomputedFeatures, float, str]:
-    """The candidate's features of the sample, its forward images/s, and where its weights came from."""
+) -> tuple[PrecomputedFeatures, float, str, int]:
+    """The candidate's features of the sample, its forward images/s, where its weights came from, its parameters."""
     cdm = ImageDataModule(data, image_size=cfg.data.get("image_size"), backbone=name)
     channels_last = bool(cfg.backbone.get("channels_last", False))
     if (measured is not None and measured.name == name and measured.data_config == cdm.data_config
             and measured.channels_last == channels_last):
-        return measured.features, measured.images_per_s, "the advice's pass"
+        return measured.features, measured.images_per_s, "the advice's pass", measured.params
     weights = cfg.backbone.weights if name == cfg.backbone.name else None
     built = create_backbone(name, pretrained=True, weights=weights)
     model = built.model
@@ -156,7 +176,7 @@ def _run_candidate(
         digest=state_digest(model), channels_last=channels_last, indices=tuple(int(i) for i in idx),
         features=torch.cat(outputs),
     )
-    return feats, clock.images_per_s, built.weights_source
+    return feats, clock.images_per_s, built.weights_source, sum(p.numel() for p in model.parameters())
 
 
 def forward_passes(data: DataSplits, epochs: int) -> int:
@@ -222,24 +242,27 @@ def rank_backbones(
     rows: list[CandidateScore] = []
     features: dict[str, PrecomputedFeatures] = {}
     for name in names if names is not None else candidate_names(cfg):
-        feats, images_per_s, weights = _run_candidate(cfg, name, data, idx, measured)
+        feats, images_per_s, weights, n_params = _run_candidate(cfg, name, data, idx, measured)
         features[name] = feats
         rows.append(CandidateScore(
             name=name, logme=round(logme(feats.features.numpy(), labels), 5),
             images_per_s=round(images_per_s, 1), image_size=int(feats.data_config["image_size"]),
-            num_features=int(feats.features.shape[1]), weights=weights,
+            num_features=int(feats.features.shape[1]), weights=weights, params=int(n_params),
         ))  # fmt: skip
     scores = {r.name: r.logme for r in rows}
     speeds = {r.name: r.images_per_s for r in rows}
     margin, cost_weight = float(a.get("logme_margin", 0.01)), float(a.get("cost_weight", 0.0))
     budget_s, work = _budget_work(cfg, data, rates, measured.images_per_s if measured else None)
+    tolerance = float(a.get("speed_tolerance", 0.0))
     chosen, reason = choose_backbone(scores, speeds, budget_s=budget_s, margin=margin, cost_weight=cost_weight,
-                                     work_images=work, trust_logme=trust_logme)
+                                     work_images=work, trust_logme=trust_logme,
+                                     params={r.name: r.params for r in rows}, speed_tolerance=tolerance)
     entry = {
         "candidates": [asdict(r) for r in rows],
         "chosen": chosen,
         "reason": reason,
-        "rule": {"logme_margin": margin, "cost_weight": cost_weight, "sample_images": int(len(idx)), "logme_used": trust_logme,
+        "rule": {"logme_margin": margin, "cost_weight": cost_weight, "speed_tolerance": tolerance,
+                 "sample_images": int(len(idx)), "logme_used": trust_logme,
                  **({"budget_left_s": round(budget_s, 1), "forward_images_needed": work} if work else {}),
                  **({"step_rates": rates.to_dict()} if work and rates else {})},
     }

@@ -50,6 +50,25 @@ def test_untrusted_logme_falls_back_to_the_fastest() -> None:
     assert name == "small" and "fastest" in why
 
 
+def test_speeds_within_the_tolerance_count_as_equal_and_fewer_parameters_go_first() -> None:
+    # Beside another run, Lite1 once measured 230 images/s and Lite0 194; alone Lite0 runs 1.3x faster.
+    noisy = {"lite0": 194.3, "lite1": 230.5, "lite2": 148.5}
+    params = {"lite0": 3_371_008, "lite1": 4_135_680, "lite2": 4_811_072}  # timm, classifier removed
+    scores = dict.fromkeys(noisy, 0.0)
+    assert choose_backbone(scores, noisy, trust_logme=False)[0] == "lite1"  # no tolerance: the measured fastest
+    name, why = choose_backbone(scores, noisy, trust_logme=False, params=params, speed_tolerance=0.3)
+    assert name == "lite0" and "fewest parameters within 0.3" in why
+    # Beyond the tolerance the measured speed decides: 1.31x is taken as faster.
+    assert choose_backbone(scores, {**noisy, "lite1": 255.0}, trust_logme=False, params=params,
+                           speed_tolerance=0.3)[0] == "lite1"
+    # None fits the budget: the first in that order stays, not the noisy fastest.
+    assert choose_backbone(scores, noisy, budget_s=1, work_images=10**6, trust_logme=False, params=params,
+                           speed_tolerance=0.3)[0] == "lite0"
+    # LogME still chooses where it is trusted; among near-equal scores the cheaper goes first.
+    assert choose_backbone({**scores, "lite2": 1.0}, noisy, params=params, speed_tolerance=0.3)[0] == "lite2"
+    assert choose_backbone(scores, noisy, params=params, speed_tolerance=0.3)[0] == "lite0"
+
+
 def test_scores_and_speeds_must_name_the_same_candidates() -> None:
     with pytest.raises(FineTuneError, match="each candidate"):
         choose_backbone(SCORES, {"small": 1.0})
@@ -131,7 +150,11 @@ def test_under_a_budget_candidates_that_cannot_train_enough_epochs_drop_out(tiny
     # 10^9 epochs of 24 images cannot fit in an hour at any speed: every candidate drops out, the fastest stays.
     tight = advise(compose([*overrides, "budget=1h", "advise.min_epochs_in_budget=1000000000"]))["backbones"]
     speeds = {c["name"]: c["images_per_s"] for c in tight["candidates"]}
-    assert "cannot pass" in tight["reason"] and tight["chosen"] == max(speeds, key=speeds.get)
+    params = {c["name"]: c["params"] for c in tight["candidates"]}
+    tolerance = tight["rule"]["speed_tolerance"]  # speeds within it count as equal: fewer parameters go first
+    fast = [n for n in speeds if speeds[n] * (1 + tolerance) >= max(speeds.values())]
+    assert "cannot pass" in tight["reason"] and tight["chosen"] == min(fast, key=params.get)
+    assert all(p > 0 for p in params.values())
     # 30 images, 24 train and 6 val: 10^9 epochs at the measured rates, in the measuring backbone's forward passes.
     rates, own = tight["rule"]["step_rates"], tight["candidates"][0]
     seconds = 1_000_000_000 * (24 / rates["train"] + 6 / rates["eval"])
