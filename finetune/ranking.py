@@ -46,7 +46,7 @@ class MeasuredPass:
     channels_last: bool
     features: PrecomputedFeatures
     images_per_s: float
-    params: int = 0  # the backbone's, classifier removed
+    params: int  # the backbone's, classifier removed
 
 
 @dataclass
@@ -59,7 +59,7 @@ class CandidateScore:
     image_size: int
     num_features: int
     weights: str
-    params: int = 0
+    params: int
 
 
 def candidate_names(cfg: DictConfig) -> list[str]:
@@ -93,8 +93,8 @@ def choose_backbone(
     a parameter count is not):
 
     1. With ``budget_s`` and ``work_images`` (the images the plan sends through the backbone),
-       candidates that cannot pass ``work_images`` within ``budget_s`` drop out (the fastest stays
-       if none can).
+       candidates that cannot pass ``work_images`` within ``budget_s`` drop out (the first in that
+       order stays if none can).
     2. ``trust_logme=False`` (data where LogME was measured to rank badly): the fastest remaining.
     3. Each candidate's utility is its LogME minus ``cost_weight`` per doubling of time per image
        relative to the fastest; the cheapest candidate within ``margin`` of the best utility wins.
