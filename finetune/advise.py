@@ -144,8 +144,9 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
             ranking = {"skipped": f"ranking would add {share:.0%} to the forward passes of {recipe}'s run "
                                   f"(advise.rank_max_share={a.rank_max_share}): {cfg.backbone.name} trains"}
             candidates = []
+    budgeted = recipe_cfg is not None and budget_left_s(cfg) is not None
     rates = None  # a training step's and an evaluation pass's images/s, where a budget needs them
-    if recipe_cfg is not None and budget_left_s(cfg) is not None and (candidates or steps_down(recipe_cfg, a)):
+    if budgeted and (candidates or steps_down(recipe_cfg, a)):
         rates = measure_step_rates(model, first[0])
     if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
         own = (MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, clock.images_per_s,
@@ -155,7 +156,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     if features is not None and measured is not None:
         features.append(measured)
     budget_strategy = None
-    if recipe_cfg is not None and budget_left_s(cfg) is not None:  # a short budget trains fewer layers
+    if budgeted:  # a short budget trains fewer layers
         chosen = next((r for r in (ranking or {}).get("candidates", []) if r["name"] == ranking.get("chosen")), None)
         if rates is not None and chosen:  # timed on the measuring model, scaled to the chosen one by forward speed
             rates = rates.scaled(chosen["images_per_s"] / clock.images_per_s)

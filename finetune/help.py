@@ -305,6 +305,7 @@ def app_help(command: str) -> str:
 
 
 def asked_for_help(argv: Sequence[str] | None) -> bool:
+    """Whether ``argv`` (default: the command line) asks for ``--help`` or ``-h``."""
     args = sys.argv[1:] if argv is None else list(argv)
     return "--help" in args or "-h" in args
 

@@ -138,8 +138,10 @@ def _parse(argv: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m finetune.interpolate A.ckpt B.ckpt [alphas=...] [out=DIR] [batch_size=N]``."""
+    from finetune.help import asked_for_help
+
     args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
+    if asked_for_help(args):
         print(HELP)
         return
     try:

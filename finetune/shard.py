@@ -140,9 +140,10 @@ def _shard(args: list[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m finetune.shard``: one ``error:`` line and exit code 2 on bad input."""
     from finetune.errors import run_command
+    from finetune.help import asked_for_help
 
     args = sys.argv[1:] if argv is None else list(argv)
-    if "--help" in args or "-h" in args:
+    if asked_for_help(args):
         print(_HELP)
         return
     run_command(_shard, args)

@@ -153,7 +153,7 @@ def test_steps_slower_than_planned_stop_training_earlier_by_the_slower_evaluatio
 
     # The pace is of the last quarter epoch (10 batches here), validation left out: on plan, then twice as slow.
     now = [0.0]
-    planner.clock, planner._train_start = (lambda: now[0]), 0.0
+    planner.clock, planner._training = (lambda: now[0]), True
     trainer = SimpleNamespace(callbacks=[])
     planner.on_train_epoch_start(trainer, None)
     for step_s in [0.25] * 10 + [0.5] * 9:

@@ -63,7 +63,7 @@ class BudgetPlanner(Callback):
         self.timer: Timer | None = None
         self._timer_base_s = 0.0  # the Timer's duration before what comes after training is taken off
         self._after_training_s = 0.0  # final validation, calibration, test: as measured when planning
-        self._train_start: float | None = None
+        self._training = False  # the fit's own training, not the LR finder's test (its loop calls the same hooks)
         self._window: tuple[float, int] | None = None  # (start, batches) of the steps the pace is measured over
         self.clock = time.monotonic
 
@@ -163,10 +163,9 @@ class BudgetPlanner(Callback):
         return finder is not None and not finder.result and not finder.skipped
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._finding(trainer):
-            self._train_start = None
+        self._training = not self._finding(trainer)
+        if not self._training:
             return
-        self._train_start = time.monotonic()  # as the Timer's clock starts
         elapsed = clock_elapsed()
         if elapsed > 0 and self.timer is not None:
             # What the plan could only estimate is spent now (the LR finder, the sanity check, moving the model):
@@ -179,7 +178,7 @@ class BudgetPlanner(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._train_start is None or self._window is None or self.plan is None or self._finding(trainer):
+        if not self._training or self._window is None or self.plan is None or self._finding(trainer):
             return
         started, batches = self._window[0], self._window[1] + 1
         # A window of a quarter epoch (5 to 20 batches): one slow batch is not a slower host.
