@@ -80,7 +80,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
     from finetune.forward_clock import ForwardClock
     from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
-    from finetune.short_budget import short_budget_choice, steps_down
+    from finetune.short_budget import short_budget_choice, steps_down, training_seconds
     from finetune.similarity import measure_similarity
     from finetune.step_rates import measure_step_rates
 
@@ -100,6 +100,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
             f"{a.min_sample})"
         )
 
+    before_model = time.perf_counter()  # what a model's build and sample pass cost: ranking repeats both
     model, measured_with, why = _measuring_model(cfg)
     # The backbone's memory format too, so reused features equal what the run would compute.
     channels_last = measured_with == cfg.backbone.name and bool(cfg.backbone.get("channels_last", False))
@@ -126,6 +127,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     outputs: list[torch.Tensor] | None = [] if features is not None or candidates else None
     with ForwardClock(model) as clock:
         sim = measure_similarity(model, batches, outputs)
+    per_candidate_s = time.perf_counter() - before_model
     measured = PrecomputedFeatures(
         split="train", fingerprint=split_fingerprint(dm.data.splits["train"]),
         data_config=measure_dm.data_config, digest=state_digest(model), channels_last=channels_last,
@@ -138,21 +140,29 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     recipe = f"{size['size']}_{similarity}"
     ranking = None
     recipe_cfg = compose([f"+recipe={recipe}"]) if candidates or cfg.get("budget") else None
-    if candidates:
-        share = ranking_cost_share(recipe_cfg, dm.data, len(idx), len(candidates))
-        if share > float(a.rank_max_share):  # the ranking would cost a large part of the run it informs
-            ranking = {"skipped": f"ranking would add {share:.0%} to the forward passes of {recipe}'s run "
-                                  f"(advise.rank_max_share={a.rank_max_share}): {cfg.backbone.name} trains"}
-            candidates = []
     budgeted = recipe_cfg is not None and budget_left_s(cfg) is not None
     rates = None  # a training step's and an evaluation pass's images/s, where a budget needs them
     if budgeted and (candidates or steps_down(recipe_cfg, a)):
         rates = measure_step_rates(model, first[0])
+    if candidates:
+        training_s = training_seconds(dm.data, rates, budget_left_s(cfg)) if rates else None
+        share = ranking_cost_share(recipe_cfg, dm.data, len(idx), len(candidates),
+                                   budget=(per_candidate_s, training_s) if rates else None)
+        if share > float(a.rank_max_share):  # the ranking would cost a large part of the run it informs
+            of = (f"the {training_s:.0f} s of training the budget leaves" if rates
+                  else f"the forward passes of {recipe}'s run")
+            ranking = {"skipped": f"ranking would add {share:.0%} to {of} (advise.rank_max_share="
+                                  f"{a.rank_max_share}): {cfg.backbone.name} trains"}
+            candidates = []
     if candidates:  # which backbone trains: LogME of each candidate's features of this sample (finetune/ranking.py)
         own = (MeasuredPass(measured_with, measure_dm.data_config, channels_last, measured, clock.images_per_s,
                             sum(p.numel() for p in model.parameters())) if measured else None)
         trust = {"all": True, "similar": similar, "none": False}[str(a.trust_logme)]
+        ranked_at = time.perf_counter()
         ranking, measured = rank_backbones(cfg, dm.data, idx, own, candidates, trust_logme=trust, rates=rates)
+        ranking["cost"] = {"seconds": round(time.perf_counter() - ranked_at, 2), "share": round(share, 4),
+                           "estimated_s": round((len(candidates) - 1) * per_candidate_s, 2),
+                           **({"training_s_left": round(training_s, 1)} if rates else {})}
     if features is not None and measured is not None:
         features.append(measured)
     budget_strategy = None

@@ -31,7 +31,8 @@ class AdviseConfig:
             ``none``; elsewhere the fastest candidate trains. On digits and Fashion-MNIST (dissimilar, fully
             fine-tuned) LogME's order did not match the fine-tuned accuracy (docs/auto-budget.md).
         rank_max_share: rank only when the other candidates' passes over the sample cost at most this share of
-            the forward passes of the recipe's run (photos: head_only on cached features is one pass, ranking 2).
+            the forward passes of the recipe's run (photos: head_only on cached features is one pass, ranking 2);
+            under ``budget=``, of the seconds of training steps the budget leaves (finetune/ranking.py).
         logme_margin: the cheapest candidate within this much LogME (per-image log evidence) of the best wins.
         cost_weight: LogME subtracted per doubling of time per image (0: cost only breaks near-ties).
         speed_tolerance: candidates measured within this share of the fastest count as fast as it, and the one

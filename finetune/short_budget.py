@@ -49,7 +49,7 @@ from finetune.errors import FineTuneError
 from finetune.step_rates import StepRates
 from finetune.strategies import STRATEGIES
 
-__all__ = ["epochs_affordable", "short_budget_choice", "steps_down"]
+__all__ = ["epochs_affordable", "short_budget_choice", "steps_down", "training_seconds"]
 
 # Only a recipe that trains every layer steps down; the others already train a part.
 STEPS_DOWN_FROM = "none"
@@ -60,6 +60,12 @@ def epochs_affordable(data: DataSplits, rates: StepRates, seconds_left: float) -
     0 when even the test pass does not fit."""
     once = rates.run_seconds(data, 0)
     return max(0.0, (seconds_left - once) / max(rates.run_seconds(data, 1) - once, 1e-9))
+
+
+def training_seconds(data: DataSplits, rates: StepRates, seconds_left: float) -> float:
+    """Seconds of training steps that ``seconds_left`` holds at ``rates`` once evaluation is paid for (each
+    epoch's validation, one test pass): what a second spent before training takes from."""
+    return epochs_affordable(data, rates, seconds_left) * len(data.splits["train"]) / rates.train
 
 
 def steps_down(recipe: DictConfig, advise: Any) -> bool:

@@ -189,6 +189,37 @@ def test_ranking_is_skipped_where_it_would_cost_too_much_of_the_run_it_informs(t
     assert ranking_cost_share(full, data, sample=24, candidates=3) == pytest.approx(2 * 24 / (25 * (3 * 24 + 6)))
 
 
+def test_under_a_budget_ranking_is_weighed_against_the_training_the_budget_leaves(tiny_candidates, monkeypatch) -> None:
+    import finetune.short_budget as short_budget
+    from finetune.ranking import ranking_cost_share
+
+    # The share in seconds: each other candidate costs what the measuring backbone's build and pass took.
+    recipe = compose(["+recipe=small_dissimilar"])
+    data = build_datamodule(compose(tiny_candidates[0])).data
+    assert ranking_cost_share(recipe, data, sample=24, candidates=3, budget=(2.0, 10.0)) == pytest.approx(0.4)
+    # No training left for the measuring backbone: rank, only a cheaper candidate can fit.
+    assert ranking_cost_share(recipe, data, sample=24, candidates=3, budget=(2.0, 0.0)) == 0.0
+
+    overrides, built = tiny_candidates
+    left: list[float] = []
+
+    def training(data, rates, seconds_left):  # what the advice asks, and a training time that makes ranking costly
+        left.append(seconds_left)
+        return 1e-6
+
+    monkeypatch.setattr(short_budget, "training_seconds", training)
+    skipped = advise(compose([*overrides, "budget=1h"]))["backbones"]
+    assert built == [] and "of training the budget leaves (advise.rank_max_share=0.1)" in skipped["skipped"]
+    assert 3000 < left[0] <= 3600
+    monkeypatch.setattr(short_budget, "training_seconds", lambda data, rates, seconds_left: 1000.0)
+    ranked = advise(compose([*overrides, "budget=1h"]))["backbones"]
+    cost = ranked["cost"]
+    assert built == ["test_efficientnet"] and cost["training_s_left"] == 1000.0 and cost["seconds"] > 0
+    assert cost["share"] == pytest.approx(cost["estimated_s"] / 1000.0, abs=1e-4) and cost["estimated_s"] > 0
+    # Without a budget the share is of the run's forward passes, as before: no training time in it.
+    assert "training_s_left" not in advise(compose(overrides))["backbones"]["cost"]
+
+
 def test_no_candidates_keep_the_given_backbone(tiny_candidates, tmp_path: Path) -> None:
     overrides, built = tiny_candidates
     cfg, extra, _ = follow_advice(compose(["+recipe=auto", *overrides, "advise.candidates=[]"]),
