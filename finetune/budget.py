@@ -25,7 +25,7 @@ from finetune.errors import FineTuneError
 
 __all__ = [
     "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed", "format_seconds", "images_in_budget",
-    "optimizer_steps", "parse_budget", "plan_epochs", "run_budget_s",
+    "optimizer_steps", "parse_budget", "plan_epochs", "run_budget_s", "val_interval", "validations",
 ]
 
 # The plan aims this far under the budget: step times on a shared machine wander by a few percent.
@@ -36,6 +36,13 @@ OVERRUN = 0.10
 # of OVERRUN, the other half for the error of its estimate of the evaluation after training. Aimed at
 # OVERRUN itself, a run whose epochs ran 1.2x slower than planned ended at 1.12x (Fashion-MNIST, 3m).
 NET_AIM = 0.05
+# Under a budget, validating may take at most this share of the time of the training steps; where an epoch
+# validates longer than that (a few batches of training against a larger val split), the planner validates
+# every few epochs instead (Lightning's ``check_val_every_n_epoch``). A judgment, not fitted: validation
+# only picks the checkpoint, and each second of it is taken from training. On Fashion-MNIST at 10/class
+# (one batch an epoch, 1,200 val images) validating every epoch took 9.6 of a 1-minute run's 11.1 s of
+# training; at 1,000/class it took 6% of each epoch, and nothing changes there.
+VAL_MAX_SHARE = 0.25
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 _PATTERN = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -115,6 +122,19 @@ def optimizer_steps(batches: int, accumulate: int = 1) -> int:
     return math.ceil(batches / max(1, accumulate))
 
 
+def val_interval(val_s: float, epoch_train_s: float, max_share: float = VAL_MAX_SHARE) -> int:
+    """Every how many epochs to validate so that validation (``val_s`` a time) takes at most ``max_share`` of
+    the training steps' time (``epoch_train_s`` an epoch): 1 where every epoch can afford it."""
+    if val_s <= max_share * epoch_train_s or epoch_train_s <= 0:
+        return 1
+    return math.ceil(val_s / (max_share * epoch_train_s))
+
+
+def validations(epochs: int, every: int) -> int:
+    """Validations in ``epochs`` epochs validating every ``every`` and at the last (the planner adds it)."""
+    return epochs // every + (1 if epochs % every else 0)
+
+
 def images_in_budget(budget_s: float, seconds_per_image: float, reserve_s: float = 0.0) -> int:
     """Training images (forward and backward) a budget pays for at a measured cost: for weighing backbones.
 
@@ -138,6 +158,8 @@ class BudgetPlan:
         steps: optimizer steps in all (what the LR schedule spans).
         whole_epochs: the strategy unfreezes at epoch boundaries, so epochs are not cut.
         training_s: predicted training time, validation and checkpoints of each epoch included.
+        check_val_every_n_epoch: training validates every this many epochs, and at its last.
+        val_s: one validation with its checkpoints, where not part of ``epoch_overhead_s``.
         reserved_s: spent before the plan (advice, data, calibration) and kept for after (final evaluation).
         predicted_total_s: what the plan expects the run to take.
     """
@@ -153,6 +175,8 @@ class BudgetPlan:
     training_s: float
     reserved_s: dict[str, float] = field(default_factory=dict)
     predicted_total_s: float = 0.0
+    check_val_every_n_epoch: int = 1
+    val_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -180,6 +204,8 @@ def plan_epochs(
     reserved: dict[str, float] | None = None,
     margin: float = MARGIN,
     max_epochs: int = 10_000,
+    val_s: float = 0.0,
+    val_every: int = 1,
 ) -> BudgetPlan:
     """The longest training that ends, with the final evaluation, ``margin`` under the budget.
 
@@ -187,7 +213,7 @@ def plan_epochs(
         budget_s: the run's budget.
         batches_per_epoch: training batches in a whole epoch.
         batch_s: seconds per training batch in epoch ``e`` (an unfreezing strategy's head-only epochs are cheaper).
-        epoch_overhead_s: each epoch's fixed cost: loader start, validation, checkpoints.
+        epoch_overhead_s: each epoch's fixed cost: loader start, and validation and checkpoints where not ``val_s``.
         spent_s: seconds already gone when planning (advice, data scan, the measurement itself).
         end_s: what comes after training (final validation, test, calibration) and before it (the LR finder).
         whole_epochs: never cut an epoch (schedules that unfreeze at epoch ``k``); else the last planned epochs are
@@ -195,21 +221,28 @@ def plan_epochs(
         min_epochs: fewer is no plan at all (e.g. ``lp_ft``'s head-only epochs plus one with the backbone).
         accumulate: ``trainer.accumulate_grad_batches``.
         reserved: the parts of ``spent_s`` and ``end_s``, for the report.
+        val_s: one validation with its checkpoints, paid every ``val_every`` epochs and at the last.
+        val_every: ``check_val_every_n_epoch`` (:func:`val_interval`).
 
     Raises:
         FineTuneError: the budget cannot pay for ``min_epochs`` epochs; the message names the smallest that could.
     """
     avail = budget_s * (1 - margin) - spent_s - end_s
     full = max(1, int(batches_per_epoch))
-    epochs, used = 0, 0.0
+    every = max(1, int(val_every))
+
+    def cost(epochs: int, batches: int) -> float:
+        steps = sum(_epoch_s(batches, batch_s, e, epoch_overhead_s) for e in range(epochs))
+        return steps + val_s * validations(epochs, every)
+
+    epochs, steps_s = 0, 0.0  # the training epochs' own cost, summed as they are added
     while epochs < max_epochs:
-        cost = _epoch_s(full, batch_s, epochs, epoch_overhead_s)
-        if used + cost > avail:
+        steps_s += _epoch_s(full, batch_s, epochs, epoch_overhead_s)
+        if steps_s + val_s * validations(epochs + 1, every) > avail:
             break
-        used += cost
         epochs += 1
     if epochs < max(1, min_epochs):
-        need = spent_s + end_s + sum(_epoch_s(full, batch_s, e, epoch_overhead_s) for e in range(max(1, min_epochs)))
+        need = spent_s + end_s + cost(max(1, min_epochs), full)
         smallest = format_seconds(need / (1 - margin))
         what = f"{min_epochs} epochs" if min_epochs > 1 else "one epoch"
         raise FineTuneError(
@@ -221,15 +254,16 @@ def plan_epochs(
     if not whole_epochs and epochs < max_epochs:
         # One more, shorter epoch each: more steps in all where the leftover pays for them despite the extra overhead.
         more = epochs + 1
-        left = avail - more * epoch_overhead_s
+        left = avail - more * epoch_overhead_s - val_s * validations(more, every)
         per_batch = sum(batch_s(e) for e in range(more))
         shorter = int(left / per_batch) if left > 0 and per_batch > 0 else 0
         if 0 < shorter < full and shorter * more > full * epochs:
             epochs, batches = more, shorter
-            used = sum(_epoch_s(batches, batch_s, e, epoch_overhead_s) for e in range(epochs))
+    used = cost(epochs, batches)
     steps = epochs * optimizer_steps(batches, accumulate)
     return BudgetPlan(
         budget_s=budget_s, epochs=epochs, batches_per_epoch=batches, full_batches_per_epoch=full, steps=steps,
         whole_epochs=whole_epochs, step_s=batch_s(epochs - 1), epoch_overhead_s=epoch_overhead_s, training_s=used,
         reserved_s=dict(reserved or {"spent": spent_s, "end": end_s}), predicted_total_s=spent_s + end_s + used,
+        check_val_every_n_epoch=every, val_s=val_s,
     )

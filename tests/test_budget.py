@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import pytorch_lightning as pl
 
 from finetune.budget import format_seconds, images_in_budget, parse_budget, plan_epochs
 from finetune.builders import check_run_config
@@ -72,13 +73,13 @@ def test_format_and_images_in_budget() -> None:
     assert images_in_budget(600, 0.004, reserve_s=60) == 127_500
 
 
-def _fake_timings(batch_s: float):  # noqa: ANN202
+def _fake_timings(batch_s: float, eval_batch_s: float = 0.1):  # noqa: ANN202
     from finetune.callbacks.budget_planner import Timings
 
     def measure(trainer, module, epochs, *args):  # noqa: ANN001, ANN202
         t = Timings()
         t.batch_s = {e: batch_s for e in epochs}
-        t.eval_batch_s, t.checkpoint_s, t.seconds = 0.1, 0.1, 1.0
+        t.eval_batch_s, t.checkpoint_s, t.seconds = eval_batch_s, 0.1, 1.0
         return t
 
     return measure
@@ -112,6 +113,92 @@ def test_a_run_trains_the_planned_epochs_and_its_schedule_ends_on_time(
     head_lr = trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
     assert head_lr < 1e-6 * cfg.optim.lr
     assert planner.report["steps"] == plan.steps and planner.report["budget"] == "5m"
+
+
+def _fit_with_slow_validation(make_folder, tmp_path: Path, monkeypatch, eval_batch_s: float, budget: str,
+                              calibrate: bool = False):  # noqa: ANN001, ANN202
+    """A tiny fit whose made-up timings make validation dear: an epoch trains 3 batches of 10 s; a validation
+    is 1 batch of ``eval_batch_s`` and 2 checkpoints of 0.1 s. Returns the plan and the epochs validated."""
+    import finetune.callbacks.budget_planner as bp
+    from finetune.builders import build_datamodule, build_fit_datamodule, build_module, build_trainer
+
+    monkeypatch.setattr(bp, "measure", _fake_timings(10.0, eval_batch_s=eval_batch_s))
+    monkeypatch.setattr(bp, "clock_elapsed", lambda: 5.0)
+    root = make_folder(classes=2, per_class=8)
+    cfg = compose(["backbone.name=test_resnet", "backbone.pretrained=false", "data=folder", f"data.root={root}",
+                   "data.image_size=32", "data.batch_size=4", "data.val_fraction=0.25", "trainer.max_epochs=50",
+                   "trainer.enable_progress_bar=false", f"calibrate={str(calibrate).lower()}", f"budget={budget}"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dm = build_datamodule(cfg)
+    model = build_module(cfg, dm)
+    trainer = build_trainer(cfg, run_dir)
+    validated: list[int] = []
+
+    class Record(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            if not trainer.sanity_checking:
+                validated.append(trainer.current_epoch)
+
+    trainer.callbacks.append(Record())
+    trainer.fit(model, datamodule=build_fit_datamodule(cfg, dm, model))
+    return next(c for c in trainer.callbacks if isinstance(c, bp.BudgetPlanner)).plan, validated, run_dir
+
+
+def test_where_validation_would_crowd_out_training_it_runs_every_few_epochs_and_at_the_last(
+    make_folder: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune.checkpoint_io import safe_load
+
+    # A validation takes 20.2 s, over VAL_MAX_SHARE of an epoch's 30 s of training: every ceil(20.2 / 7.5) = 3
+    # epochs. 6m leaves 296.7 s after 5 s spent and 40.3 s of sanity check, final validation and checkpoints:
+    # 7 epochs (210 s and 3 validations).
+    plan, validated, run_dir = _fit_with_slow_validation(make_folder, tmp_path, monkeypatch, 20.0, "6m")
+    assert (plan.epochs, plan.check_val_every_n_epoch, plan.val_s) == (7, 3, pytest.approx(20.2))
+    assert validated == [2, 5, 6]  # every third epoch, and the last, which the interval would have skipped
+    assert safe_load(run_dir / "checkpoints" / "last.ckpt", "checkpoint")["epoch"] == 6
+    # Validating every epoch, the same budget would have trained 5: 5 x (30 + 20.2) = 251 s, 6 would be 301.2 s.
+    assert plan_epochs(360, 3, lambda e: 10.0, 0.0, 5.0, 40.3, whole_epochs=True, val_s=20.2).epochs == 5
+
+
+@pytest.mark.parametrize(("eval_batch_s", "budget", "epochs", "calibration_s"), [
+    # Every 9th epoch: 9 epochs validate once, at the last, so calibration passes val once (60 s): 9 epochs fit
+    # (330.2 s of 384.7); reserving two passes would have left 324.7 s, 8 epochs.
+    (60.0, "10m", 9, 60.0),
+    # Every 3rd: with one pass reserved, 7 epochs would fit but validate 3 times; with two, 6 epochs.
+    (20.0, "6m", 6, 40.0),
+])
+def test_calibration_reserves_a_second_val_pass_only_where_an_earlier_epoch_could_be_best(
+    make_folder: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    eval_batch_s: float, budget: str, epochs: int, calibration_s: float,
+) -> None:
+    plan, validated, _ = _fit_with_slow_validation(make_folder, tmp_path, monkeypatch, eval_batch_s, budget,
+                                                   calibrate=True)
+    assert plan.epochs == epochs and plan.reserved_s["calibration"] == pytest.approx(calibration_s)
+    assert validated[-1] == epochs - 1
+
+
+def test_the_safety_net_makes_the_epoch_it_stops_validate() -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from finetune.callbacks.budget_planner import _SafetyNet
+
+    def trainer(every: int | None):  # noqa: ANN202
+        return SimpleNamespace(should_stop=False, check_val_every_n_epoch=every,
+                               strategy=SimpleNamespace(broadcast=lambda x: x))
+
+    net = _SafetyNet(duration=timedelta(seconds=1000.0), interval="step", verbose=False)
+    net.on_train_start(trainer(3), None)
+    running = trainer(3)
+    net.on_train_batch_end(running, None, None, None, 0)
+    assert not running.should_stop and running.check_val_every_n_epoch == 3  # time left: the interval stands
+    net._duration = 0.0
+    net.on_train_batch_end(running, None, None, None, 0)
+    assert running.should_stop and running.check_val_every_n_epoch == 1
+    by_batches = trainer(None)  # Lightning validating by batches: left as it is
+    net.on_train_batch_end(by_batches, None, None, None, 0)
+    assert by_batches.should_stop and by_batches.check_val_every_n_epoch is None
 
 
 def test_budget_in_metrics_json(make_folder: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +241,7 @@ def test_steps_slower_than_planned_stop_training_earlier_by_the_slower_evaluatio
     # The pace is of the last quarter epoch (10 batches here), validation left out: on plan, then twice as slow.
     now = [0.0]
     planner.clock, planner._training = (lambda: now[0]), True
-    trainer = SimpleNamespace(callbacks=[])
+    trainer = SimpleNamespace(callbacks=[], current_epoch=0, max_epochs=6, check_val_every_n_epoch=1)
     planner.on_train_epoch_start(trainer, None)
     for step_s in [0.25] * 10 + [0.5] * 9:
         now[0] += step_s

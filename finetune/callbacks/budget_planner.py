@@ -20,7 +20,9 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, Timer
 
-from finetune.budget import NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs
+from finetune.budget import (
+    NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval, validations,
+)
 from finetune.callbacks.step_timing import Timings, measure
 from finetune.errors import FineTuneError
 
@@ -40,6 +42,22 @@ def _start_epochs(module: Any) -> tuple[int | None, int]:
     starts = [plan.group_start_epoch(n) for n in plan.start_epoch]
     finite = [s for s in starts if s is not None]
     return (min(finite) if finite else None), (max(finite) if finite else 0)
+
+
+def _validate_this_epoch(trainer: pl.Trainer) -> None:
+    """The current epoch validates and writes its checkpoints, whatever ``check_val_every_n_epoch`` says: the
+    last one, planned or stopped by the safety net, so that ``last.ckpt`` holds the final weights."""
+    if trainer.check_val_every_n_epoch is not None:
+        trainer.check_val_every_n_epoch = 1
+
+
+class _SafetyNet(Timer):
+    """Lightning's ``Timer``; where it stops training in an epoch that would not validate, that epoch validates."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        if trainer.should_stop:
+            _validate_this_epoch(trainer)
 
 
 class BudgetPlanner(Callback):
@@ -121,19 +139,33 @@ class BudgetPlanner(Callback):
             return timings.batch_s[0] if not dynamic or pl_module.freeze_plan.backbone_frozen_at(epoch) else \
                 timings.batch_s[final]
 
-        overhead = timings.train_startup_s + val_pass + 2 * timings.checkpoint_s
+        val_s = val_pass + 2 * timings.checkpoint_s  # a validation and the checkpoints written after it
+        every = trainer.check_val_every_n_epoch
+        if every == 1:  # Lightning's default: where validating every epoch would crowd out training, less often
+            every = val_interval(val_s, train_b * timings.batch_s[final if dynamic else 0])
+
+        def plan(end: dict[str, float]) -> BudgetPlan:
+            return plan_epochs(
+                self.budget_s, train_b, batch_s, timings.train_startup_s, spent, sum(end.values()), whole, min_epochs,
+                accumulate=trainer.accumulate_grad_batches,
+                reserved={"before_training": spent, "measuring": timings.seconds, **end},
+                val_s=val_s, val_every=every or 1,  # None: Lightning validates by batches, counted as each epoch
+            )
+
+        # Calibration passes val once for the final weights, and again for a best checkpoint of an earlier
+        # epoch; a run that validates only at its last epoch has none.
+        self.plan = plan({**end, "calibration": val_pass} if calibrates and every else end)
+        if calibrates and every and validations(self.plan.epochs, every) > 1:
+            self.plan = plan(end)
+        end = {k: v for k, v in self.plan.reserved_s.items() if k not in ("before_training", "measuring")}
         end_s = sum(end.values())
-        self.plan = plan_epochs(
-            self.budget_s, train_b, batch_s, overhead, spent, end_s, whole, min_epochs,
-            accumulate=trainer.accumulate_grad_batches,
-            reserved={"before_training": spent, "measuring": timings.seconds, **end},
-        )
         trainer.fit_loop.max_epochs = self.plan.epochs
         trainer.limit_train_batches = self.plan.batches_per_epoch
+        trainer.check_val_every_n_epoch = every
         self._timer_base_s = self.budget_s * (1 + NET_AIM) - spent - end.get("lr_find", 0.0)
         self._after_training_s = end_s - end.get("lr_find", 0.0)
-        self.timer = Timer(duration=timedelta(seconds=max(1.0, self._timer_base_s - self._after_training_s)),
-                           interval="step")
+        self.timer = _SafetyNet(duration=timedelta(seconds=max(1.0, self._timer_base_s - self._after_training_s)),
+                                interval="step")
         trainer.callbacks.append(self.timer)
         self.report = {"budget": format_seconds(self.budget_s), **self.record, **self.plan.to_dict(),
                        "measured": {"train_batch_s": {str(k): round(v, 4) for k, v in timings.batch_s.items()},
@@ -175,6 +207,8 @@ class BudgetPlanner(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window = (self.clock(), 0)  # the pace is of training steps: the last epoch's validation is left out
+        if self._training and trainer.current_epoch == trainer.max_epochs - 1:
+            _validate_this_epoch(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
