@@ -241,7 +241,8 @@ def test_steps_slower_than_planned_stop_training_earlier_by_the_slower_evaluatio
     # The pace is of the last quarter epoch (10 batches here), validation left out: on plan, then twice as slow.
     now = [0.0]
     planner.clock, planner._training = (lambda: now[0]), True
-    trainer = SimpleNamespace(callbacks=[], current_epoch=0, max_epochs=6, check_val_every_n_epoch=1)
+    trainer = SimpleNamespace(callbacks=[], current_epoch=0, max_epochs=6, check_val_every_n_epoch=1,
+                              sanity_checking=False)
     planner.on_train_epoch_start(trainer, None)
     for step_s in [0.25] * 10 + [0.5] * 9:
         now[0] += step_s
@@ -250,12 +251,39 @@ def test_steps_slower_than_planned_stop_training_earlier_by_the_slower_evaluatio
     now[0] += 0.5
     planner.on_train_batch_end(trainer, None, None, None, 0)
     assert planner.timer._duration == pytest.approx(60.0)
+    planner.on_validation_start(trainer, None)
     now[0] += 30.0  # a validation pass between epochs does not count as steps
+    planner.on_validation_end(trainer, None)
     planner.on_train_epoch_start(trainer, None)
     for _ in range(10):
         now[0] += 0.25
         planner.on_train_batch_end(trainer, None, None, None, 0)
     assert planner.timer._duration == 80.0
+    # An unfreezing strategy: head-only epochs were planned at 0.1 s a batch. At 0.2 s they are twice as slow as
+    # their plan, though faster than the final 0.25 s: the net moves.
+    planner._planned_batch_s = lambda epoch: 0.1 if epoch == 0 else 0.25
+    trainer.current_epoch = 0
+    planner.on_train_epoch_start(trainer, None)
+    for _ in range(10):
+        now[0] += 0.2
+        planner.on_train_batch_end(trainer, None, None, None, 0)
+    assert planner.timer._duration == pytest.approx(60.0)
+
+    # Epochs of one batch (10 images per class): the window spans five of them, each epoch's start included.
+    planner.plan = plan_epochs(100.0, 1, lambda e: 0.2, 0.05, spent_s=10.0, end_s=20.0, whole_epochs=True)
+    planner._planned_batch_s, planner._window = (lambda epoch: 0.2), None
+    for epoch in range(5):
+        trainer.current_epoch = epoch
+        planner.on_train_epoch_start(trainer, None)
+        now[0] += 0.05 + 0.2  # on plan
+        planner.on_train_batch_end(trainer, None, None, None, 0)
+    assert planner.timer._duration == pytest.approx(80.0)
+    for epoch in range(5, 10):
+        trainer.current_epoch = epoch
+        planner.on_train_epoch_start(trainer, None)
+        now[0] += 2 * (0.05 + 0.2)  # twice as slow
+        planner.on_train_batch_end(trainer, None, None, None, 0)
+    assert planner.timer._duration == pytest.approx(60.0)
 
 
 def test_the_net_counts_from_what_the_budget_clock_says_is_left_when_training_starts(

@@ -82,7 +82,10 @@ class BudgetPlanner(Callback):
         self._timer_base_s = 0.0  # the Timer's duration before what comes after training is taken off
         self._after_training_s = 0.0  # final validation, calibration, test: as measured when planning
         self._training = False  # the fit's own training, not the LR finder's test (its loop calls the same hooks)
-        self._window: tuple[float, int] | None = None  # (start, batches) of the steps the pace is measured over
+        # (start, batches, their planned seconds) of the steps the pace is measured over; validation is left out
+        self._window: tuple[float, int, float] | None = None
+        self._validating_since: float | None = None
+        self._planned_batch_s: Any = None  # epoch -> the plan's seconds per batch (head-only epochs are cheaper)
         self.clock = time.monotonic
 
     def _counts(self, trainer: pl.Trainer) -> tuple[int, int, int]:
@@ -159,6 +162,7 @@ class BudgetPlanner(Callback):
             self.plan = plan(end)
         end = {k: v for k, v in self.plan.reserved_s.items() if k not in ("before_training", "measuring")}
         end_s = sum(end.values())
+        self._planned_batch_s = batch_s
         trainer.fit_loop.max_epochs = self.plan.epochs
         trainer.limit_train_batches = self.plan.batches_per_epoch
         trainer.check_val_every_n_epoch = every
@@ -206,22 +210,36 @@ class BudgetPlanner(Callback):
             self.timer._duration = max(1.0, self._timer_base_s - self._after_training_s)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._window = (self.clock(), 0)  # the pace is of training steps: the last epoch's validation is left out
-        if self._training and trainer.current_epoch == trainer.max_epochs - 1:
+        if not self._training:
+            return
+        # The window runs on across epochs (an epoch of one batch would never fill one), their start included.
+        start, batches, planned = self._window or (self.clock(), 0, 0.0)
+        self._window = (start, batches, planned + (self.plan.epoch_overhead_s if self.plan else 0.0))
+        if trainer.current_epoch == trainer.max_epochs - 1:
             _validate_this_epoch(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validating_since = self.clock() if self._training and not trainer.sanity_checking else None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validating_since is not None and self._window is not None:  # the pace is of training alone
+            start, batches, planned = self._window
+            self._window = (start + self.clock() - self._validating_since, batches, planned)
+        self._validating_since = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self._training or self._window is None or self.plan is None or self._finding(trainer):
             return
-        started, batches = self._window[0], self._window[1] + 1
+        step_s = self._planned_batch_s(trainer.current_epoch) if self._planned_batch_s else self.plan.step_s
+        started, batches, planned = self._window[0], self._window[1] + 1, self._window[2] + step_s
         # A window of a quarter epoch (5 to 20 batches): one slow batch is not a slower host.
         if batches < max(5, min(20, self.plan.batches_per_epoch // 4)):
-            self._window = (started, batches)
+            self._window = (started, batches, planned)
             return
         now = self.clock()
-        self.tighten((now - started) / (batches * self.plan.step_s) if self.plan.step_s > 0 else 1.0)
-        self._window = (now, 0)
+        self.tighten((now - started) / planned if planned > 0 else 1.0)
+        self._window = (now, 0, 0.0)
 
     def tighten(self, slowdown: float) -> float:
         """Training steps ``slowdown`` times slower than planned (another process took the CPU after the plan
