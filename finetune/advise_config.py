@@ -47,6 +47,12 @@ class AdviseConfig:
             (finetune/short_budget.py).
         min_full_steps: BiT-HyperRule's shortest fine-tuning schedule (500 steps, for under 20k images).
         short_budget_freeze: the strategy a short budget steps down to; null: never step down.
+        linear_probe_below_steps: where the budget affords fewer than this many optimizer steps (of full
+            fine-tuning, as estimated) the step-down trains the head alone (``head_only``, a linear probe)
+            instead; null: never. Measured (docs/auto-budget.md): Fashion-MNIST at 10/class and ``budget=1m``,
+            1-3 steps estimated, ``head_only`` 60.6% against ``top_stages`` 43.3%; at 100/class (27 estimated)
+            and digits at 10/class (34), ``top_stages`` won by 7 and 10 points. Any value from 4 to 27 makes
+            these three choices; 10 is chosen within that window, not fitted to one point.
         wait_timeout_s: under torchrun/srun/ddp, how long the other processes wait for rank 0's advice
             (finetune/advice_share.py); torch's default process-group timeout for gloo.
     """
@@ -68,4 +74,5 @@ class AdviseConfig:
     min_schedule_share: float = 1.0
     min_full_steps: int = 500
     short_budget_freeze: Optional[str] = "top_stages"
+    linear_probe_below_steps: Optional[int] = 10
     wait_timeout_s: float = 1800.0

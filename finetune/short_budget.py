@@ -23,6 +23,14 @@ Both conditions, measured (docs/auto-budget.md):
   1-minute budget affords 14 of the 25 epochs (28 steps) and ``none`` reached 60.0%, ``top_stages``
   85.0%. The share was 0.5 until this run, and kept ``none``.
 
+Where the budget affords fewer than ``advise.linear_probe_below_steps`` (10) steps, not even the last
+stages can move usefully from a random head, and the head alone trains (``head_only``, a linear probe;
+the first phase of Kumar et al.'s LP-FT). Fashion-MNIST at 10/class with ``budget=1m`` affords 1-3:
+there ``head_only`` reached 60.6% and ``top_stages`` 43.3%; at 100/class (27 steps) and digits at
+10/class (34), ``top_stages`` won by 7 and 10 points. Any threshold from 4 to 27 makes those three
+choices; 10 lies inside that window and is not fitted to a single point, but three points on two data
+sets are all the evidence there is.
+
 The epochs afforded are an estimate made before any training step, from rates measured on a copy of
 the backbone (:func:`finetune.step_rates.measure_step_rates`): an epoch costs its training images at
 the training rate and its validation images at the evaluation rate, and the test split is passed once.
@@ -53,6 +61,8 @@ __all__ = ["epochs_affordable", "short_budget_choice", "steps_down", "training_s
 
 # Only a recipe that trains every layer steps down; the others already train a part.
 STEPS_DOWN_FROM = "none"
+# Where even a step-down's layers could hardly move (advise.linear_probe_below_steps): the head alone.
+LINEAR_PROBE = "head_only"
 
 
 def epochs_affordable(data: DataSplits, rates: StepRates, seconds_left: float) -> float:
@@ -93,13 +103,17 @@ def short_budget_choice(
     share, freeze = float(advise.min_schedule_share), advise.get("short_budget_freeze")
     if not 0.0 <= share <= 1.0:
         raise FineTuneError(f"advise.min_schedule_share must be between 0 and 1, got {share:g}")
+    probe_below = advise.get("linear_probe_below_steps")
+    if probe_below is not None and int(probe_below) < 0:
+        raise FineTuneError(f"advise.linear_probe_below_steps must be 0 or more (null: off), got {probe_below}")
     if freeze and str(freeze) not in STRATEGIES:
         raise FineTuneError(f"advise.short_budget_freeze: unknown freeze strategy '{freeze}'; choose one of "
                             f"{', '.join(STRATEGIES)} or null")
     min_steps, recipe_epochs, own = int(advise.min_full_steps), int(recipe.trainer.max_epochs), str(recipe.freeze.name)
     entry: dict[str, Any] = {
         "recipe_epochs": recipe_epochs, "recipe_freeze": own, "seconds_left": round(seconds_left, 1),
-        "min_schedule_share": share, "min_full_steps": min_steps, "step_down": None,
+        "min_schedule_share": share, "min_full_steps": min_steps, "linear_probe_below_steps": probe_below,
+        "step_down": None,
     }  # fmt: skip
     if not steps_down(recipe, advise):
         entry["reason"] = f"freeze={own} trains" + ("" if freeze else " (advise.short_budget_freeze=null)")
@@ -117,8 +131,10 @@ def short_budget_choice(
     elif steps >= min_steps:
         entry["reason"] = f"{afforded} (>= advise.min_full_steps={min_steps}): freeze={own} trains"
     else:
-        entry["step_down"] = str(freeze)
+        probe = probe_below is not None and steps < int(probe_below)
+        entry["step_down"] = LINEAR_PROBE if probe else str(freeze)
         entry["reason"] = (f"{afforded} (< advise.min_schedule_share={share:g} of the epochs and < "
-                           f"advise.min_full_steps={min_steps}): freeze={freeze} trains, not {own} "
-                           f"(advise.short_budget_freeze)")
+                           f"advise.min_full_steps={min_steps}): freeze={entry['step_down']} trains, not {own} "
+                           + (f"(< advise.linear_probe_below_steps={probe_below}: too few steps to adapt any "
+                              "layer from a random head)" if probe else "(advise.short_budget_freeze)"))
     return entry

@@ -243,46 +243,37 @@ def test_steps_slower_than_planned_stop_training_earlier_by_the_slower_evaluatio
     planner.clock, planner._training = (lambda: now[0]), True
     trainer = SimpleNamespace(callbacks=[], current_epoch=0, max_epochs=6, check_val_every_n_epoch=1,
                               sanity_checking=False)
-    planner.on_train_epoch_start(trainer, None)
-    for step_s in [0.25] * 10 + [0.5] * 9:
-        now[0] += step_s
-        planner.on_train_batch_end(trainer, None, None, None, 0)
+
+    def epoch(batch_seconds: list[float], start_s: float = 0.0) -> None:
+        """An epoch: ``start_s`` of loader start, then batches taking these seconds each (loading included)."""
+        planner.on_train_epoch_start(trainer, None)
+        now[0] += start_s
+        for i, seconds in enumerate(batch_seconds):
+            planner.on_train_batch_start(trainer, None, None, i)
+            now[0] += seconds
+            planner.on_train_batch_end(trainer, None, None, None, i)
+
+    epoch([0.25] * 10 + [0.5] * 9)
     assert planner.timer._duration == 80.0  # nine slow batches are not yet a window
-    now[0] += 0.5
-    planner.on_train_batch_end(trainer, None, None, None, 0)
+    epoch([0.5])  # the tenth, in the next epoch: windows run on across epochs
     assert planner.timer._duration == pytest.approx(60.0)
-    planner.on_validation_start(trainer, None)
-    now[0] += 30.0  # a validation pass between epochs does not count as steps
     planner.on_validation_end(trainer, None)
-    planner.on_train_epoch_start(trainer, None)
-    for _ in range(10):
-        now[0] += 0.25
-        planner.on_train_batch_end(trainer, None, None, None, 0)
+    now[0] += 30.0  # a validation pass, and a slow start of the next epoch's loader, are not training steps
+    epoch([0.25] * 10, start_s=5.0)
     assert planner.timer._duration == 80.0
     # An unfreezing strategy: head-only epochs were planned at 0.1 s a batch. At 0.2 s they are twice as slow as
     # their plan, though faster than the final 0.25 s: the net moves.
     planner._planned_batch_s = lambda epoch: 0.1 if epoch == 0 else 0.25
-    trainer.current_epoch = 0
-    planner.on_train_epoch_start(trainer, None)
-    for _ in range(10):
-        now[0] += 0.2
-        planner.on_train_batch_end(trainer, None, None, None, 0)
+    epoch([0.2] * 10)
     assert planner.timer._duration == pytest.approx(60.0)
-
-    # Epochs of one batch (10 images per class): the window spans five of them, each epoch's start included.
+    # Epochs of one batch (10 images per class): a window spans five of them; their starts do not count.
     planner.plan = plan_epochs(100.0, 1, lambda e: 0.2, 0.05, spent_s=10.0, end_s=20.0, whole_epochs=True)
-    planner._planned_batch_s, planner._window = (lambda epoch: 0.2), None
-    for epoch in range(5):
-        trainer.current_epoch = epoch
-        planner.on_train_epoch_start(trainer, None)
-        now[0] += 0.05 + 0.2  # on plan
-        planner.on_train_batch_end(trainer, None, None, None, 0)
+    planner._planned_batch_s = lambda epoch: 0.2
+    for _ in range(5):
+        epoch([0.2], start_s=1.0)  # on plan, however slow Lightning's epoch start
     assert planner.timer._duration == pytest.approx(80.0)
-    for epoch in range(5, 10):
-        trainer.current_epoch = epoch
-        planner.on_train_epoch_start(trainer, None)
-        now[0] += 2 * (0.05 + 0.2)  # twice as slow
-        planner.on_train_batch_end(trainer, None, None, None, 0)
+    for _ in range(5):
+        epoch([0.4])  # twice as slow
     assert planner.timer._duration == pytest.approx(60.0)
 
 

@@ -29,11 +29,17 @@ def test_epochs_afforded_count_training_and_validation_at_their_own_rates_and_th
 
 def test_full_fine_tuning_steps_down_where_the_budget_cuts_its_schedule_to_few_steps() -> None:
     recipe, a = compose(["+recipe=small_dissimilar"]), compose([]).advise  # 25 epochs of freeze=none; share 1
-    short = short_budget_choice(recipe, DATA, RATES, seconds_left=4, advise=a)  # 3.1 of 25 epochs
-    assert short["step_down"] == "top_stages" and short["epochs_affordable"] == 3.1 and short["recipe_epochs"] == 25
-    assert short["steps_affordable"] == 6 and short["images_per_s"] == {"train": 100, "eval": 200}  # 2 batches an epoch
-    assert ("3.1 of small_dissimilar's 25 epochs, 6 steps (< advise.min_schedule_share=1 of the epochs and"
+    short = short_budget_choice(recipe, DATA, RATES, seconds_left=8, advise=a)  # 6.3 of 25 epochs
+    assert short["step_down"] == "top_stages" and short["epochs_affordable"] == 6.3 and short["recipe_epochs"] == 25
+    assert short["steps_affordable"] == 12 and short["images_per_s"] == {"train": 100, "eval": 200}  # 2 batches an epoch
+    assert ("6.3 of small_dissimilar's 25 epochs, 12 steps (< advise.min_schedule_share=1 of the epochs and"
             in short["reason"])
+    # Fewer than advise.linear_probe_below_steps (10): the head alone.
+    tiny = short_budget_choice(recipe, DATA, RATES, seconds_left=4, advise=a)  # 3.1 epochs, 6 steps
+    assert tiny["step_down"] == "head_only" and tiny["steps_affordable"] == 6
+    assert "freeze=head_only trains, not none (< advise.linear_probe_below_steps=10" in tiny["reason"]
+    never = compose(["advise.linear_probe_below_steps=null"]).advise
+    assert short_budget_choice(recipe, DATA, RATES, seconds_left=4, advise=never)["step_down"] == "top_stages"
     # Most of the epochs, few steps: digits at 10 per class under a minute (14 of 25 epochs, 28 steps)
     most = short_budget_choice(recipe, DATA, RATES, seconds_left=17.6, advise=a)  # 14 epochs
     assert most["step_down"] == "top_stages" and most["steps_affordable"] == 28
@@ -59,7 +65,7 @@ def test_recipes_that_already_freeze_and_a_null_step_down_keep_their_strategy_un
     off = compose(["advise.short_budget_freeze=null"]).advise
     assert short_budget_choice(compose(["+recipe=small_dissimilar"]), DATA, None, 1, off)["step_down"] is None
     lora = compose(["advise.short_budget_freeze=lora"]).advise
-    assert short_budget_choice(compose(["+recipe=large_dissimilar"]), DATA, RATES, 1, lora)["step_down"] == "lora"
+    assert short_budget_choice(compose(["+recipe=large_dissimilar"]), DATA, RATES, 8, lora)["step_down"] == "lora"
     with pytest.raises(ValueError, match="needs the measured rates"):
         short_budget_choice(compose(["+recipe=small_dissimilar"]), DATA, None, 1, compose([]).advise)
 
@@ -67,6 +73,7 @@ def test_recipes_that_already_freeze_and_a_null_step_down_keep_their_strategy_un
 @pytest.mark.parametrize("extra, message", [
     (["advise.min_schedule_share=1.5"], "advise.min_schedule_share must be between 0 and 1, got 1.5"),
     (["advise.short_budget_freeze=nothing"], "advise.short_budget_freeze: unknown freeze strategy 'nothing'"),
+    (["advise.linear_probe_below_steps=-1"], "advise.linear_probe_below_steps must be 0 or more"),
 ])
 def test_bad_knobs_are_one_line(extra: list[str], message: str) -> None:
     with pytest.raises(FineTuneError, match=message):
@@ -88,7 +95,8 @@ def test_auto_under_a_short_budget_trains_the_step_down_and_says_why(folder_over
 
     monkeypatch.setattr(adv, "_measuring_model", lambda cfg: (_tiny(), "test_resnet", "test"))
     # A hundredth of a second affords none of the 25 epochs at any speed this machine has.
-    over = ["+recipe=auto", *folder_overrides, "budget=0.01", "advise.min_schedule_share=1"]
+    over = ["+recipe=auto", *folder_overrides, "budget=0.01", "advise.min_schedule_share=1",
+            "advise.linear_probe_below_steps=null"]
     cfg, extra, _ = follow_advice(compose(over), over, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "advice.json").read_text())["budget_strategy"]
     assert cfg.recipe == "small_dissimilar" and cfg.freeze.name == "top_stages" == written["step_down"]
@@ -101,6 +109,8 @@ def test_auto_under_a_short_budget_trains_the_step_down_and_says_why(folder_over
     roomy = [*folder_overrides, "budget=0.01", "advise.min_schedule_share=0"]
     assert advise(compose(roomy))["budget_strategy"]["step_down"] is None
     assert "budget_strategy" not in advise(compose(folder_overrides))
+    # By default, no step affordable at all: the head alone.
+    assert advise(compose([*folder_overrides, "budget=0.01"]))["budget_strategy"]["step_down"] == "head_only"
 
 
 def _tiny():

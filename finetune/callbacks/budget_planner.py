@@ -82,9 +82,10 @@ class BudgetPlanner(Callback):
         self._timer_base_s = 0.0  # the Timer's duration before what comes after training is taken off
         self._after_training_s = 0.0  # final validation, calibration, test: as measured when planning
         self._training = False  # the fit's own training, not the LR finder's test (its loop calls the same hooks)
-        # (start, batches, their planned seconds) of the steps the pace is measured over; validation is left out
-        self._window: tuple[float, int, float] | None = None
-        self._validating_since: float | None = None
+        # (seconds taken, batches, their planned seconds) of the training batches the pace is measured over
+        self._window: tuple[float, int, float] = (0.0, 0, 0.0)
+        self._batch_start: float | None = None
+        self._last_batch_end: float | None = None
         self._planned_batch_s: Any = None  # epoch -> the plan's seconds per batch (head-only epochs are cheaper)
         self.clock = time.monotonic
 
@@ -210,36 +211,35 @@ class BudgetPlanner(Callback):
             self.timer._duration = max(1.0, self._timer_base_s - self._after_training_s)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._training:
-            return
-        # The window runs on across epochs (an epoch of one batch would never fill one), their start included.
-        start, batches, planned = self._window or (self.clock(), 0, 0.0)
-        self._window = (start, batches, planned + (self.plan.epoch_overhead_s if self.plan else 0.0))
-        if trainer.current_epoch == trainer.max_epochs - 1:
+        self._last_batch_end = None  # the epoch's first batch is timed from its own start: not the loader's
+        if self._training and trainer.current_epoch == trainer.max_epochs - 1:
             _validate_this_epoch(trainer)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._validating_since = self.clock() if self._training and not trainer.sanity_checking else None
-
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._validating_since is not None and self._window is not None:  # the pace is of training alone
-            start, batches, planned = self._window
-            self._window = (start + self.clock() - self._validating_since, batches, planned)
-        self._validating_since = None
+        self._last_batch_end = None  # validation in the middle of an epoch is not a training step either
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_start = self.clock()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self._training or self._window is None or self.plan is None or self._finding(trainer):
+        now = self.clock()
+        since, self._last_batch_end = (self._last_batch_end if self._last_batch_end is not None
+                                       else self._batch_start), now
+        if not self._training or self.plan is None or self._finding(trainer) or since is None:
             return
+        # The pace is of training batches alone (each with its loading, from the previous batch's end), summed
+        # across epochs: an epoch of one batch would never fill a window. Epoch starts and validation are left
+        # out: they are not the host's speed, and the Timer bounds them anyway.
         step_s = self._planned_batch_s(trainer.current_epoch) if self._planned_batch_s else self.plan.step_s
-        started, batches, planned = self._window[0], self._window[1] + 1, self._window[2] + step_s
+        took, batches, planned = self._window[0] + now - since, self._window[1] + 1, self._window[2] + step_s
         # A window of a quarter epoch (5 to 20 batches): one slow batch is not a slower host.
         if batches < max(5, min(20, self.plan.batches_per_epoch // 4)):
-            self._window = (started, batches, planned)
+            self._window = (took, batches, planned)
             return
-        now = self.clock()
-        self.tighten((now - started) / planned if planned > 0 else 1.0)
-        self._window = (now, 0, 0.0)
+        self.tighten(took / planned if planned > 0 else 1.0)
+        self._window = (0.0, 0, 0.0)
 
     def tighten(self, slowdown: float) -> float:
         """Training steps ``slowdown`` times slower than planned (another process took the CPU after the plan
