@@ -206,7 +206,9 @@ def _run_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     steps = int(cfg.optim.get("find_num_training_steps", 100))
     finder = ([FindLR(num_training_steps=steps)] if cfg.optim.lr == FIND
               else [FindLR(num_training_steps=steps, budget_share=float(share))] if share is not None else [])
-    return [*finder, *([BudgetPlanner(budget_s, record={"trial": trial} if trial else None)] if budget_s else [])]
+    planner = BudgetPlanner(budget_s, record={"trial": trial} if trial else None,
+                            validates_best=cfg.get("evaluate") == "best") if budget_s else None
+    return [*finder, *([planner] if planner else [])]
 
 
 def _has_progress_bar(callbacks: Sequence[Any]) -> bool:

@@ -220,7 +220,7 @@ class FineTuneModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return self.l2sp.add_to(loss, self, len(y))
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=stage == "val", batch_size=len(y))
@@ -231,9 +231,11 @@ class FineTuneModule(pl.LightningModule):
             top5 = getattr(self, f"{stage}_top5")
             top5(logits, y)
             self.log(f"{stage}/top5", top5, batch_size=len(y))
+        return logits
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The batch's uncalibrated logits: calibration reuses the last validation's (finetune/callbacks/calibrate.py)."""
+        return self._eval_step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")

@@ -65,7 +65,8 @@ def _train(cfg: DictConfig, run_dir: Path, precomputed: Sequence[PrecomputedFeat
     trainer.fit(model, datamodule=fit_dm, ckpt_path=ckpt_path)
     # None: the weights in memory, i.e. those after the last epoch.
     ckpt = (best_checkpoint(trainer) or None) if cfg.evaluate == "best" else None
-    trainer.validate(model, datamodule=fit_dm, ckpt_path=ckpt, verbose=False)
+    if ckpt is not None or not RunRecorder.of(trainer).validated(trainer, model):  # else: the same figures again
+        trainer.validate(model, datamodule=fit_dm, ckpt_path=ckpt, verbose=False)
     if dm.has_test:
         trainer.test(model, datamodule=fit_dm, ckpt_path=ckpt, verbose=False)
     asked = str(cfg.trainer.get("precision"))

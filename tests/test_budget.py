@@ -151,24 +151,25 @@ def test_where_validation_would_crowd_out_training_it_runs_every_few_epochs_and_
     from finetune.checkpoint_io import safe_load
 
     # A validation takes 20.2 s, over VAL_MAX_SHARE of an epoch's 30 s of training: every ceil(20.2 / 7.5) = 3
-    # epochs. 6m leaves 296.7 s after 5 s spent and 40.3 s of sanity check, final validation and checkpoints:
-    # 7 epochs (210 s and 3 validations).
-    plan, validated, run_dir = _fit_with_slow_validation(make_folder, tmp_path, monkeypatch, 20.0, "6m")
+    # epochs. 5m20s leaves 278.7 s after 5 s spent and 20.3 s of sanity check and checkpoints (evaluate=last: the
+    # last epoch's validation is the final one): 7 epochs (210 s and 3 validations).
+    plan, validated, run_dir = _fit_with_slow_validation(make_folder, tmp_path, monkeypatch, 20.0, "5m20s")
     assert (plan.epochs, plan.check_val_every_n_epoch, plan.val_s) == (7, 3, pytest.approx(20.2))
     assert validated == [2, 5, 6]  # every third epoch, and the last, which the interval would have skipped
     assert safe_load(run_dir / "checkpoints" / "last.ckpt", "checkpoint")["epoch"] == 6
     # Validating every epoch, the same budget would have trained 5: 5 x (30 + 20.2) = 251 s, 6 would be 301.2 s.
-    assert plan_epochs(360, 3, lambda e: 10.0, 0.0, 5.0, 40.3, whole_epochs=True, val_s=20.2).epochs == 5
+    assert plan_epochs(320, 3, lambda e: 10.0, 0.0, 5.0, 20.3, whole_epochs=True, val_s=20.2).epochs == 5
 
 
 @pytest.mark.parametrize(("eval_batch_s", "budget", "epochs", "calibration_s"), [
-    # Every 9th epoch: 9 epochs validate once, at the last, so calibration passes val once (60 s): 9 epochs fit
-    # (330.2 s of 384.7); reserving two passes would have left 324.7 s, 8 epochs.
-    (60.0, "10m", 9, 60.0),
-    # Every 3rd: with one pass reserved, 7 epochs would fit but validate 3 times; with two, 6 epochs.
-    (20.0, "6m", 6, 40.0),
+    # Every 9th epoch: 9 epochs validate once, at the last, whose logits calibration reuses: nothing reserved,
+    # and 9 epochs fit (330.2 s of the 349.9 s left); a pass reserved for it would have left 289.9 s, 7 epochs.
+    (60.0, "7m17s", 9, 0.0),
+    # Every 3rd: with none reserved, 8 epochs would fit but validate 3 times, and an earlier best checkpoint is
+    # calibrated on a pass of its own: one reserved, 7 epochs.
+    (20.0, "6m", 7, 20.0),
 ])
-def test_calibration_reserves_a_second_val_pass_only_where_an_earlier_epoch_could_be_best(
+def test_calibration_reserves_a_val_pass_only_where_an_earlier_epoch_could_be_best(
     make_folder: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     eval_batch_s: float, budget: str, epochs: int, calibration_s: float,
 ) -> None:

@@ -171,3 +171,61 @@ def test_a_run_without_val_images_is_refused_before_training(tmp_path: Path) -> 
     with pytest.raises(FineTuneError, match="calibrate=true needs val images.*calibrate=false"):
         train(compose([*TINY, "trainer.max_epochs=1", f"data.root={root}", "data.val_fraction=0"]), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("evaluate", ["last", "best"])
+def test_the_last_validation_of_the_final_weights_is_reused_not_passed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evaluate: str
+) -> None:
+    import csv
+
+    import pytorch_lightning as pl
+
+    import finetune.callbacks.calibrate as calibrate
+    from finetune.config import compose
+    from finetune.train import train
+
+    passes = {"calibration": 0, "validate": 0}
+    logits, validate = calibrate._logits, pl.Trainer.validate
+
+    def counted_logits(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        passes["calibration"] += 1
+        return logits(*args, **kwargs)
+
+    def counted_validate(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        passes["validate"] += 1
+        return validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "_logits", counted_logits)
+    monkeypatch.setattr(pl.Trainer, "validate", counted_validate)
+    root = _images(tmp_path / "images")
+    metrics = train(compose([*TINY, "trainer.max_epochs=1", f"data.root={root}", f"evaluate={evaluate}"]),
+                    tmp_path / "run")
+    # One epoch: best.ckpt and last.ckpt hold the final weights, which the epoch's validation passed already.
+    assert passes == {"calibration": 0, "validate": 0 if evaluate == "last" else 1}
+    with (tmp_path / "run" / "epochs.csv").open(newline="") as f:
+        logged = list(csv.DictReader(f))[-1]
+    assert metrics["val_acc"] == pytest.approx(float(logged["val/acc"]), abs=1e-5)
+    assert metrics["val_loss"] == pytest.approx(float(logged["val/loss"]), abs=1e-5)
+    # The temperature is what a fresh pass over val with the final weights fits.
+    f = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert fit_temperature(*_val_logits(f, root)) == pytest.approx(metrics["temperature"], rel=1e-3)
+
+
+def test_weights_version_follows_the_values_of_the_weights() -> None:
+    import timm
+
+    from finetune.weights_version import weights_version
+
+    model = timm.create_model("test_resnet").eval()
+    before = weights_version(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert weights_version(model) == before  # an eval forward changes nothing
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    assert weights_version(model) == before  # the same values loaded back
+    next(model.parameters()).data.add_(1e-3)  # through .data: no version counter moves, the sum does
+    assert weights_version(model) != before
+    now = weights_version(model)
+    model.train()(torch.randn(2, 3, 32, 32))  # BatchNorm's running statistics move
+    assert weights_version(model) != now

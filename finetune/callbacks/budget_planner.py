@@ -68,11 +68,13 @@ class BudgetPlanner(Callback):
         warmup_steps: training steps not timed (allocation, cuDNN autotuning, ``torch.compile``).
         timed_steps: training steps (and validation batches) timed.
         record: more entries for ``metrics.json``'s ``budget`` (a tune trial's share: finetune.trial_budget).
+        validates_best: ``evaluate=best``: a final validation of ``best.ckpt`` is kept time for.
     """
 
     def __init__(self, budget_s: float, warmup_steps: int = 2, timed_steps: int = 5,
-                 record: dict[str, Any] | None = None) -> None:
+                 record: dict[str, Any] | None = None, validates_best: bool = False) -> None:
         self.budget_s = float(budget_s)
+        self.validates_best = validates_best  # evaluate=best: the final validation and test load best.ckpt
         self.record = record or {}
         self.warmup_steps = warmup_steps
         self.timed_steps = timed_steps
@@ -114,8 +116,11 @@ class BudgetPlanner(Callback):
         calibrates = any(getattr(c, "enabled", False) and type(c).__name__ == "CalibrateTemperature"
                          for c in trainer.callbacks)
         end = {
-            "final_validation": val_pass,
-            "calibration": 2 * val_pass if calibrates else 0.0,
+            # The last epoch's validation is of the final weights: only a best checkpoint is validated again.
+            "final_validation": val_pass if self.validates_best else 0.0,
+            # Calibration fits on that validation's logits where the final weights are calibrated, and passes val
+            # for a best checkpoint of an earlier epoch (finetune/callbacks/calibrate.py).
+            "calibration": val_pass if calibrates else 0.0,
             "test": (timings.eval_startup_s + test_b * timings.eval_batch_s) if test_b else 0.0,
             "checkpoints": 3 * timings.checkpoint_s,
             "sanity_check": min(val_b, trainer.num_sanity_val_steps or 0) * timings.eval_batch_s,
@@ -156,9 +161,8 @@ class BudgetPlanner(Callback):
                 val_s=val_s, val_every=every or 1,  # None: Lightning validates by batches, counted as each epoch
             )
 
-        # Calibration passes val once for the final weights, and again for a best checkpoint of an earlier
-        # epoch; a run that validates only at its last epoch has none.
-        self.plan = plan({**end, "calibration": val_pass} if calibrates and every else end)
+        # A run that validates only at its last epoch has no earlier best checkpoint to calibrate.
+        self.plan = plan({**end, "calibration": 0.0} if calibrates and every else end)
         if calibrates and every and validations(self.plan.epochs, every) > 1:
             self.plan = plan(end)
         end = {k: v for k, v in self.plan.reserved_s.items() if k not in ("before_training", "measuring")}

@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.trainer.states import TrainerFn
 
 from finetune.report import print_summary
+from finetune.weights_version import weights_version
 
 __all__ = ["RunRecorder", "best_checkpoint"]
 
@@ -91,6 +92,7 @@ class RunRecorder(Callback):
         self.memory: dict[str, float] = {}
         self.size: dict[str, int] = {}
         self._start = 0.0
+        self._fit_val: tuple[Any, dict[str, Any]] | None = None  # the fit's last validation: weights version, figures
 
     @staticmethod
     def of(trainer: pl.Trainer) -> "RunRecorder":
@@ -168,18 +170,29 @@ class RunRecorder(Callback):
             record["resume"] = f"python -m finetune resume={run_dir}"
         (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    def _record(self, trainer: pl.Trainer, stage: str) -> None:
-        m = trainer.callback_metrics
+    def _record(self, m: Any, stage: str) -> None:
+        """``stage``'s figures from Lightning's logged metrics ``m`` (``trainer.callback_metrics``)."""
         for name, key in (("acc", "acc"), ("top5", "top5"), ("loss", "loss")):
             if f"{stage}/{key}" in m:
                 self.results[f"{stage}_{name}"] = round(float(m[f"{stage}/{key}"]), 5)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:
-            self._record(trainer, "val")
+            self._record(trainer.callback_metrics, "val")
+        elif trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            m = trainer.callback_metrics
+            self._fit_val = (weights_version(pl_module), {k: m[k] for k in ("val/acc", "val/top5", "val/loss") if k in m})
+
+    def validated(self, trainer: pl.Trainer, module: pl.LightningModule) -> bool:
+        """Whether the fit's last validation was of ``module``'s weights as they are now; if so, its figures are
+        the run's val figures, and ``trainer.validate`` would only pass val again to get the same ones."""
+        if self._fit_val is None or self._fit_val[0] != weights_version(module):
+            return False
+        self._record(self._fit_val[1], "val")
+        return True
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record(trainer, "test")
+        self._record(trainer.callback_metrics, "test")
 
     def finish(self, trainer: pl.Trainer, extra: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         """``metrics.json`` (returned too) and the summary, after the final validation/test."""
