@@ -33,7 +33,8 @@ sets are all the evidence there is.
 
 The epochs afforded are an estimate made before any training step, from rates measured on a copy of
 the backbone (:func:`finetune.step_rates.measure_step_rates`): an epoch costs its training images at
-the training rate and its validation images at the evaluation rate, and the test split is passed once.
+the training rate and its validation images at the evaluation rate (as often as the planner validates:
+every epoch, or every few where that would crowd out training), and the test split is passed once.
 Per-epoch overheads (loader start, checkpoints) are left out, so the estimate leans optimistic. It
 used to scale the advice's sample pass by three forward passes per training image, and came out
 1.5-1.8x short of the epochs the planner fitted (digits at 50/class: 5.7 estimated, 9 planned for
@@ -66,15 +67,15 @@ LINEAR_PROBE = "head_only"
 
 
 def epochs_affordable(data: DataSplits, rates: StepRates, seconds_left: float) -> float:
-    """Epochs of training (validation each epoch, one test pass) that ``seconds_left`` holds at ``rates``;
+    """Epochs of training (validation as the planner does it, one test pass) that ``seconds_left`` holds at ``rates``;
     0 when even the test pass does not fit."""
     once = rates.run_seconds(data, 0)
     return max(0.0, (seconds_left - once) / max(rates.run_seconds(data, 1) - once, 1e-9))
 
 
 def training_seconds(data: DataSplits, rates: StepRates, seconds_left: float) -> float:
-    """Seconds of training steps that ``seconds_left`` holds at ``rates`` once evaluation is paid for (each
-    epoch's validation, one test pass): what a second spent before training takes from."""
+    """Seconds of training steps that ``seconds_left`` holds at ``rates`` once evaluation is paid for
+    (validation, one test pass): what a second spent before training takes from."""
     return epochs_affordable(data, rates, seconds_left) * len(data.splits["train"]) / rates.train
 
 
@@ -100,9 +101,10 @@ def short_budget_choice(
         batch_size: the run's ``data.batch_size``.
         accumulate: the run's ``trainer.accumulate_grad_batches``.
     """
-    share, freeze = float(advise.min_schedule_share), advise.get("short_budget_freeze")
-    if not 0.0 <= share <= 1.0:
-        raise FineTuneError(f"advise.min_schedule_share must be between 0 and 1, got {share:g}")
+    raw_share, freeze = advise.get("min_schedule_share"), advise.get("short_budget_freeze")
+    share = None if raw_share is None else float(raw_share)
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise FineTuneError(f"advise.min_schedule_share must be between 0 and 1 (null: steps alone), got {share:g}")
     probe_below = advise.get("linear_probe_below_steps")
     if probe_below is not None and int(probe_below) < 0:
         raise FineTuneError(f"advise.linear_probe_below_steps must be 0 or more (null: off), got {probe_below}")
@@ -125,7 +127,7 @@ def short_budget_choice(
     entry.update(epochs_affordable=round(epochs, 1), steps_affordable=int(steps), images_per_s=rates.to_dict())
     afforded = (f"the budget affords about {epochs:.1f} of {recipe.recipe}'s {recipe_epochs} epochs, "
                 f"{int(steps)} steps")
-    if epochs >= share * recipe_epochs:
+    if share is not None and epochs >= share * recipe_epochs:
         entry["reason"] = (f"{afforded} (>= advise.min_schedule_share={share:g} of the epochs: the recipe's "
                            f"schedule): freeze={own} trains")
     elif steps >= min_steps:
@@ -133,8 +135,9 @@ def short_budget_choice(
     else:
         probe = probe_below is not None and steps < int(probe_below)
         entry["step_down"] = LINEAR_PROBE if probe else str(freeze)
-        entry["reason"] = (f"{afforded} (< advise.min_schedule_share={share:g} of the epochs and < "
-                           f"advise.min_full_steps={min_steps}): freeze={entry['step_down']} trains, not {own} "
+        of_epochs = "" if share is None else f"advise.min_schedule_share={share:g} of the epochs and < "
+        entry["reason"] = (f"{afforded} (< {of_epochs}advise.min_full_steps={min_steps}): "
+                           f"freeze={entry['step_down']} trains, not {own} "
                            + (f"(< advise.linear_probe_below_steps={probe_below}: too few steps to adapt any "
                               "layer from a random head)" if probe else "(advise.short_budget_freeze)"))
     return entry

@@ -29,6 +29,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from finetune.budget import val_interval
+
 __all__ = ["StepRates", "measure_step_rates"]
 
 
@@ -48,9 +50,12 @@ class StepRates:
 
     def run_seconds(self, data: Any, epochs: float) -> float:
         """Seconds of ``epochs`` epochs of ``data`` (a :class:`~finetune.data.DataSplits`): its training images at
-        the training rate, its validation images each epoch and its test images once at the evaluation rate."""
+        the training rate, its validation images at the evaluation rate as often as a budgeted run validates
+        (every epoch, or every few where that would crowd out training: :func:`finetune.budget.val_interval`),
+        and its test images once."""
         n = {split: len(items) for split, items in data.splits.items()}
-        return epochs * (n.get("train", 0) / self.train + n.get("val", 0) / self.eval) + n.get("test", 0) / self.eval
+        train_s, val_s = n.get("train", 0) / self.train, n.get("val", 0) / self.eval
+        return epochs * (train_s + val_s / val_interval(val_s, train_s)) + n.get("test", 0) / self.eval
 
 
 def _output_tensor(out: Any) -> torch.Tensor:

@@ -25,10 +25,14 @@ def test_epochs_afforded_count_training_and_validation_at_their_own_rates_and_th
     assert epochs_affordable(DATA, RATES, seconds_left=10) == pytest.approx((10 - 0.1) / 1.25)
     assert epochs_affordable(DATA, RATES, seconds_left=0.05) == 0.0  # not even the test pass
     assert epochs_affordable(DATA, RATES.scaled(2), seconds_left=10) == pytest.approx((10 - 0.05) / 0.625)
+    # Validation ten times as dear as training (10 training images, 0.1 s; 100 val, 0.5 s): a budgeted run validates
+    # every ceil(0.5 / (0.25 x 0.1)) = 20 epochs (finetune.budget.val_interval), so an epoch costs 0.125 s, not 0.6.
+    val_heavy = SimpleNamespace(splits={"train": [0] * 10, "val": [0] * 100, "test": [0] * 20})
+    assert epochs_affordable(val_heavy, RATES, seconds_left=10) == pytest.approx((10 - 0.1) / 0.125)
 
 
 def test_full_fine_tuning_steps_down_where_the_budget_cuts_its_schedule_to_few_steps() -> None:
-    recipe, a = compose(["+recipe=small_dissimilar"]), compose([]).advise  # 25 epochs of freeze=none; share 1
+    recipe, a = compose(["+recipe=small_dissimilar"]), compose(["advise.min_schedule_share=1"]).advise  # 25 epochs
     short = short_budget_choice(recipe, DATA, RATES, seconds_left=8, advise=a)  # 6.3 of 25 epochs
     assert short["step_down"] == "top_stages" and short["epochs_affordable"] == 6.3 and short["recipe_epochs"] == 25
     assert short["steps_affordable"] == 12 and short["images_per_s"] == {"train": 100, "eval": 200}  # 2 batches an epoch
@@ -47,6 +51,10 @@ def test_full_fine_tuning_steps_down_where_the_budget_cuts_its_schedule_to_few_s
     assert just_under["step_down"] == "top_stages"
     whole = short_budget_choice(recipe, DATA, RATES, seconds_left=31.4, advise=a)  # 25.04: the recipe's own
     assert whole["step_down"] is None and "the recipe's schedule): freeze=none trains" in whole["reason"]
+    # By default steps alone decide: the whole schedule, 50 steps, is still under advise.min_full_steps (500).
+    steps_alone = short_budget_choice(recipe, DATA, RATES, seconds_left=31.4, advise=compose([]).advise)
+    assert steps_alone["step_down"] == "top_stages" and "25.0 of small_dissimilar's 25 epochs, 50 steps (< " \
+        "advise.min_full_steps=500): freeze=top_stages" in steps_alone["reason"]
     half = compose(["advise.min_schedule_share=0.5"]).advise
     assert short_budget_choice(recipe, DATA, RATES, 17.6, half)["step_down"] is None  # 14 >= 12.5
     # Batches of one: 3.12 epochs are 312 steps, enough for full fine-tuning where advise.min_full_steps is 200.
@@ -71,7 +79,7 @@ def test_recipes_that_already_freeze_and_a_null_step_down_keep_their_strategy_un
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["advise.min_schedule_share=1.5"], "advise.min_schedule_share must be between 0 and 1, got 1.5"),
+    (["advise.min_schedule_share=1.5"], r"advise.min_schedule_share must be between 0 and 1 \(null: steps alone\), got 1.5"),
     (["advise.short_budget_freeze=nothing"], "advise.short_budget_freeze: unknown freeze strategy 'nothing'"),
     (["advise.linear_probe_below_steps=-1"], "advise.linear_probe_below_steps must be 0 or more"),
 ])
