@@ -16,9 +16,11 @@ subsets the rest), so all sizes are scored on the same images.
     python benchmarks/data_efficiency.py --reuse-sweeps   # auto again, against the sweeps already in --out
     python benchmarks/data_efficiency.py --plot   # only the picture, from the results file
     python benchmarks/data_efficiency.py --data digits --sizes 10 50 --budgets 1m 1m30s   # another data set
+    python benchmarks/data_efficiency.py --seed 43 --sizes 10 --budgets 1m   # another seed: sweep and auto
 
 With ``--data digits`` (scikit-learn's 8x8 digits, its own val and test splits) the rows are keyed
-``digits-N`` and left out of the picture, which is Fashion-MNIST's.
+``digits-N`` and left out of the picture, which is Fashion-MNIST's. Seeds other than 42 (``--seed``: another
+training subset, val split and initialization) are keyed ``N-seedS`` and left out of the picture too.
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ def _run(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def measure(n: int, budget: str, out: Path, before: dict | None = None, dataset: str = "fashion_mnist") -> dict:
+def measure(n: int, budget: str, out: Path, before: dict | None = None, dataset: str = "fashion_mnist",
+            seed: int = 42) -> dict:
     """One size: the sweep (or, given ``before``, the result file's entry, its finished sweep reused) and auto."""
     # Fashion-MNIST: 1,200 val images (val_fraction 0.02), not 6,000: each epoch validates, budgets are minutes
     split = ["data.val_fraction=0.02"] if dataset == "fashion_mnist" else []
-    data = [f"data={dataset}", f"data.train_per_class={n}", *split, "seed=42",
+    data = [f"data={dataset}", f"data.train_per_class={n}", *split, f"seed={seed}",
             *([f"budget={budget}"] if budget != "none" else [])]
     where = (out if dataset == "fashion_mnist" else out / dataset) / (f"{n}" if budget != "none" else f"{n}-recipe")
+    where = where if seed == 42 else where.with_name(f"{where.name}-seed{seed}")
     sweep_dir = where / "compare"
     reuse = before is not None and (sweep_dir / "comparison.csv").exists()
     sweep_s = before["sweep_wall_s"] if reuse else _run(["+recipe=compare", *data, f"hydra.sweep.dir={sweep_dir}"])
@@ -62,7 +66,7 @@ def measure(n: int, budget: str, out: Path, before: dict | None = None, dataset:
     kept = {"sweep_reused": True, "auto_before": before.get("auto_before", before["auto"]),
             "auto_earlier": [*before.get("auto_earlier", []), before["auto"]]} if reuse else {}
     return {**kept,
-        "data": dataset, "images_per_class": n, "budget": budget,
+        "data": dataset, "images_per_class": n, "budget": budget, "seed": seed,
         "auto": {"test_acc": m["test_acc"], "wall_s": round(auto_s, 1), "recipe": m["advised_recipe"],
                  "backbone": m["backbone"], "freeze": m["freeze"], "epochs": m["epochs"],
                  "lr_find": (m.get("lr_find") or {}).get("lr"), "took_s": (m.get("budget") or {}).get("took_s")},
@@ -79,7 +83,7 @@ def plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fashion = [r for r in results.values() if r.get("data", "fashion_mnist") == "fashion_mnist"]
+    fashion = [r for r in results.values() if r.get("data", "fashion_mnist") == "fashion_mnist" and r.get("seed", 42) == 42]
     panels = [(title, sorted((r for r in fashion if pick(r)), key=lambda r: r["images_per_class"]))
               for title, pick in (("same time budget per run", lambda r: r["budget"] != "none"),
                                   ("recipe lengths (no budget)", lambda r: r["budget"] == "none"))]
@@ -114,6 +118,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--budgets", nargs="+", default=["1m", "1m30s", "3m"])
     parser.add_argument("--out", type=Path, default=Path("outputs/data_efficiency"))
+    parser.add_argument("--seed", type=int, default=42, help="seed= of every run (the picture shows 42's)")
     parser.add_argument("--plot", action="store_true", help="only draw the picture from the results file")
     parser.add_argument("--reuse-sweeps", action="store_true",
                         help="rerun only auto where --out holds a finished sweep (its time read from the results file)")
@@ -125,12 +130,13 @@ def main() -> None:
         for n, budget in zip(args.sizes, args.budgets):
             key = (str(n) if budget != "none" else f"{n}-recipe")
             key = key if args.data == "fashion_mnist" else f"{args.data}-{key}"
+            key = key if args.seed == 42 else f"{key}-seed{args.seed}"
             before = results.get(key) if args.reuse_sweeps and results.get(key, {}).get("budget") == budget else None
-            r = measure(n, budget, args.out, before, args.data)
+            r = measure(n, budget, args.out, before, args.data, args.seed)
             results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # another size may have landed
             results[key] = r
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-            print(f"{args.data} {n}/class, budget {budget}: auto {100 * r['auto']['test_acc']:.2f}% in {r['auto']['wall_s']:.0f}s "
+            print(f"{args.data} {n}/class, seed {args.seed}, budget {budget}: auto {100 * r['auto']['test_acc']:.2f}% in {r['auto']['wall_s']:.0f}s "
                   f"({r['auto']['recipe']}, {r['auto']['backbone']}); best fixed {r['best_fixed']} "
                   f"{100 * r['fixed'][r['best_fixed']]:.2f}% ({r['auto_minus_best_points']:+.2f} points); "
                   f"sweep of {r['sweep_runs']} runs {r['sweep_wall_s']:.0f}s (auto {r['auto_time_share_of_sweep']:.2f}x)",

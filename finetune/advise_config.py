@@ -41,12 +41,11 @@ class AdviseConfig:
         lr_find_share: with ``budget=``, auto runs the LR finder when it fits this share of the budget; 0: never.
         min_epochs_in_budget: with ``budget=``, candidates that cannot train this many epochs in what is left of it
             (at the measured training and evaluation rates) drop out of the ranking; the fastest stays if none can.
-        min_schedule_share: with ``budget=``, a recipe that trains every layer (``freeze=none``) trains
+        min_schedule_multiple: with ``budget=``, a recipe that trains every layer (``freeze=none``) trains
             ``short_budget_freeze`` instead when the budget affords fewer than ``min_full_steps`` optimizer
-            steps (finetune/short_budget.py); where this share is set, only when it also affords less than
-            this share of the recipe's epochs. null (default): steps alone. Every budgeted pair measured
-            favoured stepping down under 500 steps, including Fashion-MNIST at 10/class, where 1m affords
-            the recipe's 25 epochs (27 steps of ``none``: 60.5%, ``top_stages`` 68.6%); the share was 1.
+            steps and less than this multiple of the recipe's epochs (finetune/short_budget.py); null: steps
+            alone. At 10/class, in the same time as ``top_stages``, full fine-tuning lost up to 36 points below
+            1.6x the recipe's epochs and won by 2.8-4.4 (digits) or tied (Fashion-MNIST) at 2.6-3.4x.
         min_full_steps: BiT-HyperRule's shortest fine-tuning schedule (500 steps, for under 20k images).
         short_budget_freeze: the strategy a short budget steps down to; null: never step down.
         linear_probe_below_steps: where the budget affords fewer than this many optimizer steps (of full
@@ -73,7 +72,7 @@ class AdviseConfig:
     speed_tolerance: float = 0.3
     lr_find_share: float = 0.1
     min_epochs_in_budget: int = 3
-    min_schedule_share: Optional[float] = None
+    min_schedule_multiple: Optional[float] = 2.0
     min_full_steps: int = 500
     short_budget_freeze: Optional[str] = "top_stages"
     linear_probe_below_steps: Optional[int] = 10

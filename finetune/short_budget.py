@@ -7,25 +7,35 @@ epochs from a random head is where full fine-tuning does worst: the head's first
 reach every pretrained layer (Kumar et al. 2022, "Fine-tuning can distort pretrained features"), and
 too few steps remain to recover. The course's rule extends from examples to steps: with less to learn
 from, keep more of the pretrained weights fixed. So where the recipe trains every layer
-(``freeze=none``) and the budget cuts its schedule (affords less than ``advise.min_schedule_share``, by
-default all, of its epochs) to fewer than ``advise.min_full_steps`` optimizer steps (500: BiT-HyperRule's
-shortest schedule, the one it gives data sets under 20k images), ``advise.short_budget_freeze`` trains
-instead (``top_stages``: the last stages adapt, as dissimilar data needs; each step is cheaper, so more
-epochs fit). The planner still plans the chosen strategy's epochs from its own measured step time.
+(``freeze=none``) and the budget affords it fewer than ``advise.min_full_steps`` optimizer steps (500:
+BiT-HyperRule's shortest schedule, the one it gives data sets under 20k images) and less than
+``advise.min_schedule_multiple`` (2) times the recipe's epochs, ``advise.short_budget_freeze`` trains
+instead (``top_stages``: the last stages adapt, as dissimilar data needs; each step is cheaper, so
+1.7-2.1x the steps fit in the same time). The planner still plans the chosen strategy's epochs from
+its own measured step time, and stretches them to fill the budget.
 
-Both conditions, measured (docs/auto-budget.md):
+Both conditions, measured with the same budget for both strategies (comparison sweeps, and pairs of
+auto runs side by side; docs/auto-budget.md; ``none`` minus ``top_stages``, test points):
 
 - Thousands of steps leave full fine-tuning time to recover even when the schedule is cut: on full
-  Fashion-MNIST (60 minutes, about 3,400 steps) ``none`` beat ``top_stages`` by 1.3 points.
-- The recipe's whole schedule is trusted even when short: on scikit-learn's digits at 10 images per
-  class, ``none`` over all 25 epochs (50 steps) reached 88.3% test, ``top_stages`` 85.0%.
-- A cut schedule is where full fine-tuning suffers, however many of the epochs remain: there, a
-  1-minute budget affords 14 of the 25 epochs (28 steps) and ``none`` reached 60.0%, ``top_stages``
-  85.0%. The share was 0.5 until this run, and kept ``none``.
+  Fashion-MNIST (60 minutes, 0.4x the recipe's epochs, about 3,400 steps) ``none`` won by 1.3.
+- Few steps and a cut schedule: ``none`` lost 2.2 on Fashion-MNIST at 1,000/class (0.07x the epochs,
+  136 steps), 2.9 at 100/class (0.3x).
+- Around the recipe's length (10/class, two rounds of pairs, ``benchmarks/step_down_turn.py``): below
+  1.6x its epochs full fine-tuning can collapse when the host gives it few steps (Fashion-MNIST at 1.5x:
+  -35.7 with 12 steps; -7.8 and -9.7 at 1.1-1.3x; digits -7.5 at 1.1x), while ``top_stages`` was never
+  more than 0.3 behind. At 2.6-3.4x full fine-tuning won on digits (+2.8, +4.4) and tied on
+  Fashion-MNIST (+0.3, -0.8). At 1.8-2.0x the four pairs split both ways (Fashion-MNIST -1.2, +0.2;
+  digits +1.7, -0.3). So the default, 2, lies in the window (1.6 to 2.6) that makes the clear choices at
+  both ends; between, either choice cost up to 1.7 points. Measured, the step-down below 2 cost at most
+  1.7 (digits at 1.8x), keeping ``none`` above it at most 0.8.
+  Steps alone (null) lost 2.8-4.4 on digits at 2.6-2.9x; the whole schedule alone (1) lost 7.8-35.7 on
+  Fashion-MNIST at 1.1-1.5x.
 
 Where the budget affords fewer than ``advise.linear_probe_below_steps`` (10) steps, not even the last
 stages can move usefully from a random head, and the head alone trains (``head_only``, a linear probe;
-the first phase of Kumar et al.'s LP-FT). Fashion-MNIST at 10/class with ``budget=1m`` affords 1-3:
+the first phase of Kumar et al.'s LP-FT). Fashion-MNIST at 10/class with ``budget=1m`` afforded 1-3
+while every epoch validated (it now affords about 30, finetune/budget.py's ``val_interval``):
 there ``head_only`` reached 60.6% and ``top_stages`` 43.3%; at 100/class (27 steps) and digits at
 10/class (34), ``top_stages`` won by 7 and 10 points. Any threshold from 4 to 27 makes those three
 choices; 10 lies inside that window and is not fitted to a single point, but three points on two data
@@ -38,7 +48,7 @@ every epoch, or every few where that would crowd out training), and the test spl
 Per-epoch overheads (loader start, checkpoints) are left out, so the estimate leans optimistic. It
 used to scale the advice's sample pass by three forward passes per training image, and came out
 1.5-1.8x short of the epochs the planner fitted (digits at 50/class: 5.7 estimated, 9 planned for
-``none``); with a share of 1, a budget that just afforded the recipe then stepped down.
+``none``).
 Steps are epochs times an epoch's optimizer steps (its ``ceil(train images / data.batch_size)``
 batches over ``trainer.accumulate_grad_batches``, as :func:`finetune.budget.optimizer_steps` counts
 them for the plan). ``advice.json`` records the rates, the estimate, the rule and the choice;
@@ -97,14 +107,14 @@ def short_budget_choice(
         rates: the chosen backbone's measured rates; may be None where :func:`steps_down` is False
             (nothing steps down, so nothing is estimated).
         seconds_left: what is left of the run's budget.
-        advise: ``cfg.advise`` (``min_schedule_share``, ``min_full_steps``, ``short_budget_freeze``).
+        advise: ``cfg.advise`` (``min_schedule_multiple``, ``min_full_steps``, ``short_budget_freeze``).
         batch_size: the run's ``data.batch_size``.
         accumulate: the run's ``trainer.accumulate_grad_batches``.
     """
-    raw_share, freeze = advise.get("min_schedule_share"), advise.get("short_budget_freeze")
-    share = None if raw_share is None else float(raw_share)
-    if share is not None and not 0.0 <= share <= 1.0:
-        raise FineTuneError(f"advise.min_schedule_share must be between 0 and 1 (null: steps alone), got {share:g}")
+    raw_multiple, freeze = advise.get("min_schedule_multiple"), advise.get("short_budget_freeze")
+    multiple = None if raw_multiple is None else float(raw_multiple)
+    if multiple is not None and not multiple >= 0.0:
+        raise FineTuneError(f"advise.min_schedule_multiple must be 0 or more (null: steps alone), got {multiple:g}")
     probe_below = advise.get("linear_probe_below_steps")
     if probe_below is not None and int(probe_below) < 0:
         raise FineTuneError(f"advise.linear_probe_below_steps must be 0 or more (null: off), got {probe_below}")
@@ -114,7 +124,7 @@ def short_budget_choice(
     min_steps, recipe_epochs, own = int(advise.min_full_steps), int(recipe.trainer.max_epochs), str(recipe.freeze.name)
     entry: dict[str, Any] = {
         "recipe_epochs": recipe_epochs, "recipe_freeze": own, "seconds_left": round(seconds_left, 1),
-        "min_schedule_share": share, "min_full_steps": min_steps, "linear_probe_below_steps": probe_below,
+        "min_schedule_multiple": multiple, "min_full_steps": min_steps, "linear_probe_below_steps": probe_below,
         "step_down": None,
     }  # fmt: skip
     if not steps_down(recipe, advise):
@@ -127,15 +137,15 @@ def short_budget_choice(
     entry.update(epochs_affordable=round(epochs, 1), steps_affordable=int(steps), images_per_s=rates.to_dict())
     afforded = (f"the budget affords about {epochs:.1f} of {recipe.recipe}'s {recipe_epochs} epochs, "
                 f"{int(steps)} steps")
-    if share is not None and epochs >= share * recipe_epochs:
-        entry["reason"] = (f"{afforded} (>= advise.min_schedule_share={share:g} of the epochs: the recipe's "
-                           f"schedule): freeze={own} trains")
+    if multiple is not None and epochs >= multiple * recipe_epochs:
+        entry["reason"] = (f"{afforded} (>= advise.min_schedule_multiple={multiple:g} times the recipe's "
+                           f"epochs): freeze={own} trains")
     elif steps >= min_steps:
         entry["reason"] = f"{afforded} (>= advise.min_full_steps={min_steps}): freeze={own} trains"
     else:
         probe = probe_below is not None and steps < int(probe_below)
         entry["step_down"] = LINEAR_PROBE if probe else str(freeze)
-        of_epochs = "" if share is None else f"advise.min_schedule_share={share:g} of the epochs and < "
+        of_epochs = "" if multiple is None else f"advise.min_schedule_multiple={multiple:g} times the epochs and < "
         entry["reason"] = (f"{afforded} (< {of_epochs}advise.min_full_steps={min_steps}): "
                            f"freeze={entry['step_down']} trains, not {own} "
                            + (f"(< advise.linear_probe_below_steps={probe_below}: too few steps to adapt any "

@@ -32,11 +32,11 @@ def test_epochs_afforded_count_training_and_validation_at_their_own_rates_and_th
 
 
 def test_full_fine_tuning_steps_down_where_the_budget_cuts_its_schedule_to_few_steps() -> None:
-    recipe, a = compose(["+recipe=small_dissimilar"]), compose(["advise.min_schedule_share=1"]).advise  # 25 epochs
+    recipe, a = compose(["+recipe=small_dissimilar"]), compose(["advise.min_schedule_multiple=1"]).advise  # 25 epochs
     short = short_budget_choice(recipe, DATA, RATES, seconds_left=8, advise=a)  # 6.3 of 25 epochs
     assert short["step_down"] == "top_stages" and short["epochs_affordable"] == 6.3 and short["recipe_epochs"] == 25
     assert short["steps_affordable"] == 12 and short["images_per_s"] == {"train": 100, "eval": 200}  # 2 batches an epoch
-    assert ("6.3 of small_dissimilar's 25 epochs, 12 steps (< advise.min_schedule_share=1 of the epochs and"
+    assert ("6.3 of small_dissimilar's 25 epochs, 12 steps (< advise.min_schedule_multiple=1 times the epochs and"
             in short["reason"])
     # Fewer than advise.linear_probe_below_steps (10): the head alone.
     tiny = short_budget_choice(recipe, DATA, RATES, seconds_left=4, advise=a)  # 3.1 epochs, 6 steps
@@ -50,12 +50,20 @@ def test_full_fine_tuning_steps_down_where_the_budget_cuts_its_schedule_to_few_s
     just_under = short_budget_choice(recipe, DATA, RATES, seconds_left=31.2, advise=a)  # 24.9 < 25
     assert just_under["step_down"] == "top_stages"
     whole = short_budget_choice(recipe, DATA, RATES, seconds_left=31.4, advise=a)  # 25.04: the recipe's own
-    assert whole["step_down"] is None and "the recipe's schedule): freeze=none trains" in whole["reason"]
-    # By default steps alone decide: the whole schedule, 50 steps, is still under advise.min_full_steps (500).
-    steps_alone = short_budget_choice(recipe, DATA, RATES, seconds_left=31.4, advise=compose([]).advise)
-    assert steps_alone["step_down"] == "top_stages" and "25.0 of small_dissimilar's 25 epochs, 50 steps (< " \
-        "advise.min_full_steps=500): freeze=top_stages" in steps_alone["reason"]
-    half = compose(["advise.min_schedule_share=0.5"]).advise
+    assert whole["step_down"] is None and "1 times the recipe's epochs): freeze=none trains" in whole["reason"]
+    # By default full fine-tuning needs twice the recipe's epochs (or 500 steps): 25 epochs step down, 50 do not.
+    default = compose([]).advise
+    assert short_budget_choice(recipe, DATA, RATES, seconds_left=31.4, advise=default)["step_down"] == "top_stages"
+    assert short_budget_choice(recipe, DATA, RATES, seconds_left=62.4, advise=default)["step_down"] == "top_stages"
+    twice = short_budget_choice(recipe, DATA, RATES, seconds_left=62.6, advise=default)  # 50.0 epochs, 100 steps
+    assert twice["step_down"] is None and "50.0 of small_dissimilar's 25 epochs, 100 steps (>= " \
+        "advise.min_schedule_multiple=2 times the recipe's epochs): freeze=none trains" in twice["reason"]
+    # Steps alone (null): however many epochs, under advise.min_full_steps (500) steps it steps down.
+    steps_alone = compose(["advise.min_schedule_multiple=null"]).advise
+    alone = short_budget_choice(recipe, DATA, RATES, seconds_left=62.6, advise=steps_alone)
+    assert alone["step_down"] == "top_stages" and "50.0 of small_dissimilar's 25 epochs, 100 steps (< " \
+        "advise.min_full_steps=500): freeze=top_stages" in alone["reason"]
+    half = compose(["advise.min_schedule_multiple=0.5"]).advise
     assert short_budget_choice(recipe, DATA, RATES, 17.6, half)["step_down"] is None  # 14 >= 12.5
     # Batches of one: 3.12 epochs are 312 steps, enough for full fine-tuning where advise.min_full_steps is 200.
     many_steps = compose(["advise.min_full_steps=200"]).advise
@@ -79,7 +87,7 @@ def test_recipes_that_already_freeze_and_a_null_step_down_keep_their_strategy_un
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["advise.min_schedule_share=1.5"], r"advise.min_schedule_share must be between 0 and 1 \(null: steps alone\), got 1.5"),
+    (["advise.min_schedule_multiple=-1"], r"advise.min_schedule_multiple must be 0 or more \(null: steps alone\), got -1"),
     (["advise.short_budget_freeze=nothing"], "advise.short_budget_freeze: unknown freeze strategy 'nothing'"),
     (["advise.linear_probe_below_steps=-1"], "advise.linear_probe_below_steps must be 0 or more"),
 ])
@@ -103,7 +111,7 @@ def test_auto_under_a_short_budget_trains_the_step_down_and_says_why(folder_over
 
     monkeypatch.setattr(adv, "_measuring_model", lambda cfg: (_tiny(), "test_resnet", "test"))
     # A hundredth of a second affords none of the 25 epochs at any speed this machine has.
-    over = ["+recipe=auto", *folder_overrides, "budget=0.01", "advise.min_schedule_share=1",
+    over = ["+recipe=auto", *folder_overrides, "budget=0.01", "advise.min_schedule_multiple=1",
             "advise.linear_probe_below_steps=null"]
     cfg, extra, _ = follow_advice(compose(over), over, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "advice.json").read_text())["budget_strategy"]
@@ -113,8 +121,8 @@ def test_auto_under_a_short_budget_trains_the_step_down_and_says_why(folder_over
     mine = [*over, "freeze=none"]
     cfg, extra, _ = follow_advice(compose(mine), mine, tmp_path / "mine")
     assert cfg.freeze.name == "none" and "advised_freeze" not in extra
-    # Share 0: any budget is enough; without a budget nothing is estimated.
-    roomy = [*folder_overrides, "budget=0.01", "advise.min_schedule_share=0"]
+    # Multiple 0: any budget is enough; without a budget nothing is estimated.
+    roomy = [*folder_overrides, "budget=0.01", "advise.min_schedule_multiple=0"]
     assert advise(compose(roomy))["budget_strategy"]["step_down"] is None
     assert "budget_strategy" not in advise(compose(folder_overrides))
     # By default, no step affordable at all: the head alone.
