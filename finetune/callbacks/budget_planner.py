@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, Timer
 
 from finetune.budget import (
-    NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval, validations,
+    LOOP_BATCH_S, LOOP_EPOCH_S, NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval, validations,
 )
 from finetune.callbacks.step_timing import Timings, measure
 from finetune.errors import FineTuneError
@@ -112,7 +112,8 @@ class BudgetPlanner(Callback):
         timings = measure(trainer, pl_module, sorted({0, final}) if dynamic else [0], self.warmup_steps,
                           self.timed_steps)
         train_b, val_b, test_b = self._counts(trainer)
-        val_pass = timings.eval_startup_s + val_b * timings.eval_batch_s
+        eval_batch_s = timings.eval_batch_s + LOOP_BATCH_S  # Lightning's loop around each step, timed outside it
+        val_pass = timings.eval_startup_s + val_b * eval_batch_s
         calibrates = any(getattr(c, "enabled", False) and type(c).__name__ == "CalibrateTemperature"
                          for c in trainer.callbacks)
         end = {
@@ -121,9 +122,9 @@ class BudgetPlanner(Callback):
             # Calibration fits on that validation's logits where the final weights are calibrated, and passes val
             # for a best checkpoint of an earlier epoch (finetune/callbacks/calibrate.py).
             "calibration": val_pass if calibrates else 0.0,
-            "test": (timings.eval_startup_s + test_b * timings.eval_batch_s) if test_b else 0.0,
+            "test": (timings.eval_startup_s + test_b * eval_batch_s) if test_b else 0.0,
             "checkpoints": 3 * timings.checkpoint_s,
-            "sanity_check": min(val_b, trainer.num_sanity_val_steps or 0) * timings.eval_batch_s,
+            "sanity_check": min(val_b, trainer.num_sanity_val_steps or 0) * eval_batch_s,
         }
         images = getattr(trainer.datamodule, "images", None)
         if images is not None and images.has_test:  # cached features: the test split is still to extract
@@ -132,7 +133,7 @@ class BudgetPlanner(Callback):
             end["test_feature_extraction"] = per_image * len(images.data.splits["test"])
         finder = self._finder(trainer)
         if finder is not None:
-            cost = finder.reserve_s(timings.batch_s[0], train_b, timings.train_startup_s + val_pass)
+            cost = finder.reserve_s(timings.batch_s[0] + LOOP_BATCH_S, train_b, timings.train_startup_s + val_pass)
             share = getattr(finder, "budget_share", None)
             if share is not None and cost > share * self.budget_s:  # optim.find_share: no room, the given lr trains
                 finder.skipped = (f"the LR finder would take {cost:.0f}s, more than {share:g} of the "
@@ -145,17 +146,18 @@ class BudgetPlanner(Callback):
 
         def batch_s(epoch: int) -> float:
             # An unfreezing strategy: head-only epochs at their own cost, the rest at the final trainable set's.
-            return timings.batch_s[0] if not dynamic or pl_module.freeze_plan.backbone_frozen_at(epoch) else \
-                timings.batch_s[final]
+            return LOOP_BATCH_S + (timings.batch_s[0] if not dynamic or pl_module.freeze_plan.backbone_frozen_at(epoch)
+                                   else timings.batch_s[final])
 
         val_s = val_pass + 2 * timings.checkpoint_s  # a validation and the checkpoints written after it
         every = trainer.check_val_every_n_epoch
         if every == 1:  # Lightning's default: where validating every epoch would crowd out training, less often
-            every = val_interval(val_s, train_b * timings.batch_s[final if dynamic else 0])
+            every = val_interval(val_s, train_b * batch_s(final if dynamic else 0))
 
         def plan(end: dict[str, float]) -> BudgetPlan:
             return plan_epochs(
-                self.budget_s, train_b, batch_s, timings.train_startup_s, spent, sum(end.values()), whole, min_epochs,
+                self.budget_s, train_b, batch_s, timings.train_startup_s + LOOP_EPOCH_S, spent, sum(end.values()), whole,
+                min_epochs,
                 accumulate=trainer.accumulate_grad_batches,
                 reserved={"before_training": spent, "measuring": timings.seconds, **end},
                 val_s=val_s, val_every=every or 1,  # None: Lightning validates by batches, counted as each epoch
@@ -180,7 +182,9 @@ class BudgetPlanner(Callback):
                        "measured": {"train_batch_s": {str(k): round(v, 4) for k, v in timings.batch_s.items()},
                                     "eval_batch_s": round(timings.eval_batch_s, 4),
                                     "loader_startup_s": round(timings.train_startup_s, 3),
-                                    "checkpoint_s": round(timings.checkpoint_s, 3)}}
+                                    "checkpoint_s": round(timings.checkpoint_s, 3),
+                                    # not measured: finetune.budget's allowance for Lightning's loop
+                                    "loop_batch_s": LOOP_BATCH_S, "loop_epoch_s": LOOP_EPOCH_S}}
         self._publish(trainer)
         print(f"budget {format_seconds(self.budget_s)}: {self.plan.epochs} epochs of {self.plan.batches_per_epoch} "
               f"batches ({self.plan.steps} steps at {self.plan.step_s:.3f}s), {spent:.0f}s spent, "
