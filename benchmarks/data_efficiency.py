@@ -83,7 +83,8 @@ def plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fashion = [r for r in results.values() if r.get("data", "fashion_mnist") == "fashion_mnist" and r.get("seed", 42) == 42]
+    fashion = [r for r in results.values()
+               if r.get("data", "fashion_mnist") == "fashion_mnist" and r.get("seed", 42) == 42]
     panels = [(title, sorted((r for r in fashion if pick(r)), key=lambda r: r["images_per_class"]))
               for title, pick in (("same time budget per run", lambda r: r["budget"] != "none"),
                                   ("recipe lengths (no budget)", lambda r: r["budget"] == "none"))]

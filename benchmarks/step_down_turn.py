@@ -1,4 +1,4 @@
-"""Where does full fine-tuning overtake ``top_stages`` as a budget grows? The evidence for ``advise.min_schedule_multiple``.
+"""Where full fine-tuning overtakes ``top_stages`` as a budget grows: the evidence for ``advise.min_schedule_multiple``.
 
 For each data set and budget, two ``+recipe=auto`` runs start together, side by side (one per core where
 ``taskset`` exists, one thread each), with the same data, seed and budget:

@@ -32,7 +32,8 @@ def test_epochs_afforded_count_training_and_validation_at_their_own_rates_and_th
 
 
 def test_full_fine_tuning_steps_down_where_the_budget_cuts_its_schedule_to_few_steps() -> None:
-    recipe, a = compose(["+recipe=small_dissimilar"]), compose(["advise.min_schedule_multiple=1"]).advise  # 25 epochs
+    recipe = compose(["+recipe=small_dissimilar"])  # 25 epochs of freeze=none
+    a = compose(["advise.min_schedule_multiple=1"]).advise
     short = short_budget_choice(recipe, DATA, RATES, seconds_left=8, advise=a)  # 6.3 of 25 epochs
     assert short["step_down"] == "top_stages" and short["epochs_affordable"] == 6.3 and short["recipe_epochs"] == 25
     assert short["steps_affordable"] == 12 and short["images_per_s"] == {"train": 100, "eval": 200}  # 2 batches an epoch
@@ -87,7 +88,8 @@ def test_recipes_that_already_freeze_and_a_null_step_down_keep_their_strategy_un
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["advise.min_schedule_multiple=-1"], r"advise.min_schedule_multiple must be 0 or more \(null: steps alone\), got -1"),
+    (["advise.min_schedule_multiple=-1"],
+     r"advise.min_schedule_multiple must be 0 or more \(null: steps alone\), got -1"),
     (["advise.short_budget_freeze=nothing"], "advise.short_budget_freeze: unknown freeze strategy 'nothing'"),
     (["advise.linear_probe_below_steps=-1"], "advise.linear_probe_below_steps must be 0 or more"),
 ])

@@ -21,7 +21,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, Timer
 
 from finetune.budget import (
-    LOOP_BATCH_S, LOOP_EPOCH_S, NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval, validations,
+    LOOP_BATCH_S, LOOP_EPOCH_S, NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval,
+    validations,
 )
 from finetune.callbacks.step_timing import Timings, measure
 from finetune.errors import FineTuneError
@@ -156,8 +157,8 @@ class BudgetPlanner(Callback):
 
         def plan(end: dict[str, float]) -> BudgetPlan:
             return plan_epochs(
-                self.budget_s, train_b, batch_s, timings.train_startup_s + LOOP_EPOCH_S, spent, sum(end.values()), whole,
-                min_epochs,
+                self.budget_s, train_b, batch_s, timings.train_startup_s + LOOP_EPOCH_S, spent, sum(end.values()),
+                whole, min_epochs,
                 accumulate=trainer.accumulate_grad_batches,
                 reserved={"before_training": spent, "measuring": timings.seconds, **end},
                 val_s=val_s, val_every=every or 1,  # None: Lightning validates by batches, counted as each epoch
