@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 import pytorch_lightning as pl
 
-from finetune.budget import LOOP_BATCH_S, format_seconds, images_in_budget, parse_budget, plan_epochs
+from finetune.budget import LOOP_BATCH_S, LOOP_EPOCH_S, format_seconds, images_in_budget, parse_budget, plan_epochs
 from finetune.builders import check_run_config
 from finetune.config import compose
 from finetune.errors import FineTuneError
@@ -156,6 +156,8 @@ def test_where_validation_would_crowd_out_training_it_runs_every_few_epochs_and_
     plan, validated, run_dir = _fit_with_slow_validation(make_folder, tmp_path, monkeypatch, 20.0, "5m20s")
     # Each eval batch also pays Lightning's loop around it (LOOP_BATCH_S, not in the timed step).
     assert (plan.epochs, plan.check_val_every_n_epoch, plan.val_s) == (7, 3, pytest.approx(20.2 + LOOP_BATCH_S))
+    # Training batches and epochs pay it too: without it, a head on cached features (0.8 ms steps) planned 10,000 epochs.
+    assert (plan.step_s, plan.epoch_overhead_s) == (pytest.approx(10.0 + LOOP_BATCH_S), pytest.approx(LOOP_EPOCH_S))
     assert validated == [2, 5, 6]  # every third epoch, and the last, which the interval would have skipped
     assert safe_load(run_dir / "checkpoints" / "last.ckpt", "checkpoint")["epoch"] == 6
     # Validating every epoch, the same budget would have trained 5: 5 x (30 + 20.2) = 251 s, 6 would be 301.2 s.
