@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from finetune.budget import budget_left_s
 from finetune.errors import FineTuneError, run_command
+from finetune.memory_format import resolve_channels_last
 
 if TYPE_CHECKING:  # Lightning (finetune.features imports it) takes seconds: --help should not wait
     from finetune.features import PrecomputedFeatures
@@ -102,8 +103,8 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
 
     before_model = time.perf_counter()  # what a model's build and sample pass cost: ranking repeats both
     model, measured_with, why = _measuring_model(cfg)
-    # The backbone's memory format too, so reused features equal what the run would compute.
-    channels_last = measured_with == cfg.backbone.name and bool(cfg.backbone.get("channels_last", False))
+    # The memory format the run would give this network, so reused features equal what it would compute.
+    channels_last = resolve_channels_last(cfg.backbone.get("channels_last"), model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     # The sample is preprocessed the way the measuring model was pretrained, at the data's size.

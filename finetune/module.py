@@ -23,6 +23,7 @@ from finetune.freezing import FreezePlan, set_frozen_norms_eval
 from finetune.heads import build_head, head_config
 from finetune.l2sp import L2SP
 from finetune.loss import TrainingLoss, build_criterion
+from finetune.memory_format import resolve_channels_last
 from finetune.module_args import compile_kwargs, instantiate_leaf, plain
 from finetune.optim import param_groups
 from finetune.strategies import FreezeStrategy, get_strategy
@@ -68,7 +69,8 @@ class FineTuneModule(pl.LightningModule):
         mixup: Mixup/CutMix of training batches (:mod:`finetune.loss`), a mapping of the mixing
             fields of :class:`~finetune.data.augment.AugmentConfig` (``{"mixup": 0.2}``); None: off.
         channels_last: keep weights and inputs in channels-last memory format (timm's
-            ``--channels-last``): faster convolutions on recent CPUs and GPUs.
+            ``--channels-last``): faster convolutions on recent CPUs and GPUs. None: on where the
+            backbone is convolutional (:func:`finetune.memory_format.resolve_channels_last`).
         class_names: names of the classes, saved with the checkpoint.
         compile: ``torch.compile`` the backbone in place (``nn.Module.compile``, so checkpoint keys
             do not change): False, True for torch's defaults (the inductor backend), a backend
@@ -98,7 +100,7 @@ class FineTuneModule(pl.LightningModule):
         class_weights: Sequence[float] | None = LossConfig.class_weights,
         mixup: Mapping[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
-        channels_last: bool = BackboneConfig.channels_last,
+        channels_last: bool | None = BackboneConfig.channels_last,
         compile: bool | str | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
@@ -130,8 +132,8 @@ class FineTuneModule(pl.LightningModule):
         # A plain list, so these modules are not registered twice.
         self._frozen_norms: list[nn.Module] = []
         self.apply_freeze(0)
-        self.channels_last = channels_last
-        if channels_last:
+        self.channels_last = resolve_channels_last(channels_last, self.backbone)
+        if self.channels_last:
             self.to(memory_format=torch.channels_last)
         self.compile_kwargs = compile_kwargs(compile)
         if self.compile_kwargs is not None:

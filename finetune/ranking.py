@@ -30,6 +30,7 @@ from finetune.errors import FineTuneError
 from finetune.forward_clock import ForwardClock
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 from finetune.logme import logme
+from finetune.memory_format import resolve_channels_last
 from finetune.similarity import measure_similarity
 from finetune.step_rates import StepRates
 
@@ -155,14 +156,16 @@ def _run_candidate(
 ) -> tuple[PrecomputedFeatures, float, str, int]:
     """The candidate's features of the sample, its forward images/s, where its weights came from, its parameters."""
     cdm = ImageDataModule(data, image_size=cfg.data.get("image_size"), backbone=name)
-    channels_last = bool(cfg.backbone.get("channels_last", False))
+    setting = cfg.backbone.get("channels_last")
+    # With setting None both passes resolve the same network the same way (finetune.memory_format).
     if (measured is not None and measured.name == name and measured.data_config == cdm.data_config
-            and measured.channels_last == channels_last):
+            and (setting is None or measured.channels_last == bool(setting))):
         return measured.features, measured.images_per_s, "the advice's pass", measured.params
     weights = cfg.backbone.weights if name == cfg.backbone.name else None
     built = create_backbone(name, pretrained=True, weights=weights)
     model = built.model
     model.reset_classifier(0)
+    channels_last = resolve_channels_last(setting, model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     loader = DataLoader(Subset(cdm.eval_dataset("train"), idx.tolist()), batch_size=64)

@@ -234,7 +234,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _edited(ckpt: Path, dest: Path, key: str | None, value: float) -> tuple[Path, str]:
     raw = torch.load(ckpt, weights_only=True)
     key = key or next(k for k, v in raw["state_dict"].items() if v.is_floating_point() and v.ndim > 1)
-    raw["state_dict"][key] = raw["state_dict"][key].clone()
+    raw["state_dict"][key] = raw["state_dict"][key].clone(memory_format=torch.contiguous_format)
     raw["state_dict"][key].view(-1)[0] = value
     torch.save(raw, dest)
     return dest, key
