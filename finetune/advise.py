@@ -83,7 +83,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     from finetune.ranking import MeasuredPass, candidate_names, rank_backbones, ranking_cost_share
     from finetune.short_budget import short_budget_choice, steps_down, training_seconds
     from finetune.similarity import measure_similarity
-    from finetune.step_rates import measure_step_rates
+    from finetune.step_rates import measure_step_rates, timing_batch_size
 
     a = cfg.advise
     if str(a.trust_logme) not in ("all", "similar", "none"):
@@ -120,7 +120,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     def keeping_first(xs: Any) -> Any:
         for x in xs:
             if not first:
-                first.append(x[:8].clone())
+                first.append(x[:timing_batch_size(dm.batch_size, x.shape[-2], x.shape[-1], len(x))].clone())
             yield x
 
     batches = keeping_first(batches)

@@ -12,11 +12,13 @@ that were off, in opposite directions (tf_efficientnet_lite0, one thread, batche
 Together the estimate came out 1.5-1.8x short of the epochs the planner then fitted (digits and
 Fashion-MNIST, docs/auto-budget.md). So both rates are timed here, on a copy of the model (its
 weights and BatchNorm statistics stay as they are): a training step's forward and backward in
-train mode, and an evaluation forward under ``torch.no_grad``. On 8 images, to stay cheap (0.4 s at
-32 px, 3.9 s at 224 px): the training rate per image moved by up to 23% between batches of 16 and 128
-(109-134 images/s at 32 px, 68-75 at 64 px), so the run's own batch size can differ from it by about
-that much. The first call of each is left out (one-time costs), as
-:class:`finetune.forward_clock.ForwardClock` does.
+train mode, and an evaluation forward under ``torch.no_grad``. On a batch of the run's batch size
+where that is cheap (:func:`timing_batch_size`): as many pixels as 8 images at 224 px, so 8 images at
+224 px and up to 64 (the advice's sample batch) at 32-64 px. It used to be 8 images at every size, which
+channels-last (finetune.memory_format) made misleading: EfficientNet-Lite0 at 32 px trains 96 images/s
+in batches of 8 and 458 in batches of 128 (2 threads), and the full Fashion-MNIST estimate fell 3.7x
+short of the epochs the planner fitted (7.5 against 28). The first call of each is left out
+(one-time costs), as :class:`finetune.forward_clock.ForwardClock` does.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from torch import nn
 
 from finetune.budget import val_interval
 
-__all__ = ["StepRates", "measure_step_rates"]
+__all__ = ["StepRates", "measure_step_rates", "timing_batch_size"]
+
+# Pixels timed per step: 8 images at 224 px, a few seconds of training steps on a CPU.
+TIMING_PIXELS = 8 * 224 * 224
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,13 @@ class StepRates:
 
 def _output_tensor(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def timing_batch_size(run_batch: int, height: int, width: int, available: int) -> int:
+    """Images to time a step on: the run's batch, at most :data:`TIMING_PIXELS` of pixels (8 images at least,
+    where available) and at most ``available``."""
+    affordable = max(8, TIMING_PIXELS // max(1, height * width))
+    return max(1, min(int(run_batch), affordable, int(available)))
 
 
 def measure_step_rates(

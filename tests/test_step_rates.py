@@ -39,3 +39,14 @@ def test_the_model_is_left_as_it_was() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not model.training and not model.conv.weight.requires_grad and model.bn.weight.requires_grad
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_timing_batch_is_the_runs_batch_within_8_images_at_224_px_of_pixels() -> None:
+    from finetune.step_rates import timing_batch_size
+
+    assert timing_batch_size(32, 224, 224, 64) == 8  # a step on 8 images at 224 px, as before
+    assert timing_batch_size(128, 32, 32, 64) == 64  # small images: as many as the sample batch holds
+    assert timing_batch_size(16, 32, 32, 64) == 16  # never more than the run's batch
+    assert timing_batch_size(128, 64, 64, 64) == 64 and timing_batch_size(128, 112, 112, 64) == 32
+    assert timing_batch_size(128, 512, 512, 64) == 8  # 8 images at least: one is not a batch
+    assert timing_batch_size(128, 32, 32, 5) == 5  # a sample of 5 images gives 5
