@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from finetune.budget import budget_left_s
 from finetune.errors import FineTuneError, run_command
-from finetune.memory_format import resolve_channels_last
+from finetune.memory_format import apply_channels_last
 
 if TYPE_CHECKING:  # Lightning (finetune.features imports it) takes seconds: --help should not wait
     from finetune.features import PrecomputedFeatures
@@ -104,9 +104,7 @@ def advise(cfg: DictConfig, features: list[PrecomputedFeatures] | None = None) -
     before_model = time.perf_counter()  # what a model's build and sample pass cost: ranking repeats both
     model, measured_with, why = _measuring_model(cfg)
     # The memory format the run would give this network, so reused features equal what it would compute.
-    channels_last = resolve_channels_last(cfg.backbone.get("channels_last"), model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = apply_channels_last(model, cfg.backbone.get("channels_last"))
     # The sample is preprocessed the way the measuring model was pretrained, at the data's size.
     measure_dm = ImageDataModule(dm.data, image_size=dm.image_size, backbone=measured_with)
     dataset = measure_dm.eval_dataset("train")

@@ -15,9 +15,10 @@ On GPUs channels-last is what NVIDIA and timm recommend for convolutions under m
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["is_convolutional", "resolve_channels_last"]
+__all__ = ["apply_channels_last", "is_convolutional", "resolve_channels_last"]
 
 
 def is_convolutional(model: nn.Module) -> bool:
@@ -36,3 +37,14 @@ def resolve_channels_last(setting: bool | None, model: nn.Module) -> bool:
     if setting is None:
         return is_convolutional(model)
     return bool(setting)
+
+
+def apply_channels_last(model: nn.Module, setting: bool | None) -> bool:
+    """Resolve ``setting`` for ``model`` and, where that says channels-last, convert it in place; returns the choice.
+
+    Inputs must follow (``x.contiguous(memory_format=torch.channels_last)``): the caller holds the batches.
+    """
+    channels_last = resolve_channels_last(setting, model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return channels_last

@@ -23,7 +23,7 @@ from finetune.freezing import FreezePlan, set_frozen_norms_eval
 from finetune.heads import build_head, head_config
 from finetune.l2sp import L2SP
 from finetune.loss import TrainingLoss, build_criterion
-from finetune.memory_format import resolve_channels_last
+from finetune.memory_format import apply_channels_last
 from finetune.module_args import compile_kwargs, instantiate_leaf, plain
 from finetune.optim import param_groups
 from finetune.strategies import FreezeStrategy, get_strategy
@@ -132,9 +132,8 @@ class FineTuneModule(pl.LightningModule):
         # A plain list, so these modules are not registered twice.
         self._frozen_norms: list[nn.Module] = []
         self.apply_freeze(0)
-        self.channels_last = resolve_channels_last(channels_last, self.backbone)
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
+        # The head takes pooled (B, C) features: only the backbone has 4-D weights to convert.
+        self.channels_last = apply_channels_last(self.backbone, channels_last)
         self.compile_kwargs = compile_kwargs(compile)
         if self.compile_kwargs is not None:
             self.backbone.compile(**self.compile_kwargs)

@@ -30,7 +30,7 @@ from finetune.errors import FineTuneError
 from finetune.forward_clock import ForwardClock
 from finetune.features import PrecomputedFeatures, split_fingerprint, state_digest
 from finetune.logme import logme
-from finetune.memory_format import resolve_channels_last
+from finetune.memory_format import apply_channels_last
 from finetune.similarity import measure_similarity
 from finetune.step_rates import StepRates
 
@@ -165,9 +165,7 @@ def _run_candidate(
     built = create_backbone(name, pretrained=True, weights=weights)
     model = built.model
     model.reset_classifier(0)
-    channels_last = resolve_channels_last(setting, model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = apply_channels_last(model, setting)
     loader = DataLoader(Subset(cdm.eval_dataset("train"), idx.tolist()), batch_size=64)
     # Timed as the advice's pass is: the forward calls, BatchNorm statistics included.
     images = (x.contiguous(memory_format=torch.channels_last) if channels_last else x for x, _ in loader)
