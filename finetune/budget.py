@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 from finetune.errors import FineTuneError
 
 __all__ = [
-    "LOOP_BATCH_S", "LOOP_EPOCH_S", "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed", "format_seconds",
+    "LOOP_BATCH_S", "LOOP_EPOCH_S", "MAX_EPOCHS", "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed", "format_seconds",
     "images_in_budget", "optimizer_steps", "parse_budget", "plan_epochs", "run_budget_s", "val_interval", "validations",
 ]
 
@@ -54,6 +54,9 @@ VAL_MAX_SHARE = 0.25
 # than late.
 LOOP_BATCH_S = 0.002
 LOOP_EPOCH_S = 0.005
+
+# No plan trains more epochs (one-batch epochs of a head on cached features in a long budget).
+MAX_EPOCHS = 10_000
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 _PATTERN = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -214,7 +217,7 @@ def plan_epochs(
     accumulate: int = 1,
     reserved: dict[str, float] | None = None,
     margin: float = MARGIN,
-    max_epochs: int = 10_000,
+    max_epochs: int = MAX_EPOCHS,
     val_s: float = 0.0,
     val_every: int = 1,
 ) -> BudgetPlan:

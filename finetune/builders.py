@@ -207,7 +207,8 @@ def _run_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     finder = ([FindLR(num_training_steps=steps)] if cfg.optim.lr == FIND
               else [FindLR(num_training_steps=steps, budget_share=float(share))] if share is not None else [])
     planner = BudgetPlanner(budget_s, record={"trial": trial} if trial else None,
-                            validates_best=cfg.get("evaluate") == "best") if budget_s else None
+                            validates_best=cfg.get("evaluate") == "best",
+                            replan=bool(cfg.get("budget_replan", True))) if budget_s else None
     return [*finder, *([planner] if planner else [])]
 
 

@@ -193,6 +193,8 @@ class Config:
         budget: the run's time budget (``90s``, ``10m``, ``1h30m``): the epochs are planned from measured step
             times so that the LR schedule ends on time and the run ends within it (finetune.budget); null: off,
             trainer.max_epochs says how long.
+        budget_replan: with ``budget=``, re-plan the epochs at each epoch boundary from the pace so far and
+            stretch the LR schedule to them (finetune.replan); false: the plan made before training stands.
         tune: the search of ``+recipe=tune``.
     """
 
@@ -219,6 +221,7 @@ class Config:
     resume: Optional[str] = None
     overwrite: bool = False
     budget: Optional[str] = None
+    budget_replan: bool = True
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 

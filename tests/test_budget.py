@@ -98,7 +98,8 @@ def test_a_run_trains_the_planned_epochs_and_its_schedule_ends_on_time(
     root = make_folder(classes=2, per_class=8)
     cfg = compose(["backbone.name=test_resnet", "backbone.pretrained=false", "data=folder", f"data.root={root}",
                    "data.image_size=32", "data.batch_size=4", "data.val_fraction=0.25", "trainer.max_epochs=50",
-                   "trainer.enable_progress_bar=false", "calibrate=false", "budget=5m"])
+                   "trainer.enable_progress_bar=false", "calibrate=false", "budget=5m",
+                   "budget_replan=false"])  # the made-up plan stands (tests/test_replan.py re-plans)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     dm = build_datamodule(cfg)
@@ -127,7 +128,8 @@ def _fit_with_slow_validation(make_folder, tmp_path: Path, monkeypatch, eval_bat
     root = make_folder(classes=2, per_class=8)
     cfg = compose(["backbone.name=test_resnet", "backbone.pretrained=false", "data=folder", f"data.root={root}",
                    "data.image_size=32", "data.batch_size=4", "data.val_fraction=0.25", "trainer.max_epochs=50",
-                   "trainer.enable_progress_bar=false", f"calibrate={str(calibrate).lower()}", f"budget={budget}"])
+                   "trainer.enable_progress_bar=false", f"calibrate={str(calibrate).lower()}", f"budget={budget}",
+                   "budget_replan=false"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     dm = build_datamodule(cfg)
@@ -215,7 +217,7 @@ def test_budget_in_metrics_json(make_folder: Callable[..., Path], tmp_path: Path
     root = make_folder(classes=2, per_class=8)
     cfg = compose(["backbone.name=test_resnet", "backbone.pretrained=false", "data=folder", f"data.root={root}",
                    "data.image_size=32", "data.batch_size=4", "data.val_fraction=0.25",
-                   "trainer.enable_progress_bar=false", "calibrate=false", "budget=3s"])
+                   "trainer.enable_progress_bar=false", "calibrate=false", "budget=3s", "budget_replan=false"])
     with pytest.raises(FineTuneError, match=r"budget=3s is too small: .* the smallest budget that would work is budget="):
         train(cfg, tmp_path / "small")
     cfg.budget = "1m"

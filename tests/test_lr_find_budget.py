@@ -18,7 +18,7 @@ from test_budget import _fake_timings
 def _cfg(root: Path, *extra: str):  # noqa: ANN202
     return compose(["backbone.name=test_resnet", "backbone.pretrained=false", "data=folder", f"data.root={root}",
                     "data.image_size=32", "data.batch_size=4", "data.val_fraction=0.25", "data.num_workers=0", "optim.lr=0.02",
-                    "trainer.enable_progress_bar=false", "calibrate=false", *extra])
+                    "trainer.enable_progress_bar=false", "calibrate=false", "budget_replan=false", *extra])
 
 
 def _head_lr(run_dir: Path) -> float:
@@ -73,7 +73,7 @@ def test_auto_with_a_budget_finds_the_lr_and_advice_json_records_it(
     out = tmp_path / "run"
     r = cli(["+recipe=auto", "backbone.name=test_resnet", "backbone.pretrained=false", "data=folder",
              f"data.root={root}", "data.image_size=32", "data.batch_size=8", "data.val_fraction=0.25", "data.num_workers=0", "advise.sample_size=24",
-             "advise.lr_find_share=0.9", "budget=2m", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"],
+             "advise.lr_find_share=0.9", "budget=2m", "budget_replan=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"],
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     advice = json.loads((out / "advice.json").read_text())

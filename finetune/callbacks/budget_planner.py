@@ -21,11 +21,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, Timer
 
 from finetune.budget import (
-    LOOP_BATCH_S, LOOP_EPOCH_S, NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval,
-    validations,
+    LOOP_BATCH_S, LOOP_EPOCH_S, NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval, validations,
 )
 from finetune.callbacks.step_timing import Timings, measure
 from finetune.errors import FineTuneError
+from finetune.replan import Replanner
 
 __all__ = ["BudgetPlanner", "Timings"]
 
@@ -70,11 +70,15 @@ class BudgetPlanner(Callback):
         timed_steps: training steps (and validation batches) timed.
         record: more entries for ``metrics.json``'s ``budget`` (a tune trial's share: finetune.trial_budget).
         validates_best: ``evaluate=best``: a final validation of ``best.ckpt`` is kept time for.
+        replan: at each epoch boundary, set the epochs left from the pace so far and stretch the LR schedule
+            to them (finetune.replan); False: the plan made before training stands, the safety net aside.
     """
 
     def __init__(self, budget_s: float, warmup_steps: int = 2, timed_steps: int = 5,
-                 record: dict[str, Any] | None = None, validates_best: bool = False) -> None:
+                 record: dict[str, Any] | None = None, validates_best: bool = False, replan: bool = True) -> None:
         self.budget_s = float(budget_s)
+        self.replan = replan
+        self.replanner: Replanner | None = None
         self.validates_best = validates_best  # evaluate=best: the final validation and test load best.ckpt
         self.record = record or {}
         self.warmup_steps = warmup_steps
@@ -179,6 +183,13 @@ class BudgetPlanner(Callback):
         self.timer = _SafetyNet(duration=timedelta(seconds=max(1.0, self._timer_base_s - self._after_training_s)),
                                 interval="step")
         trainer.callbacks.append(self.timer)
+        if self.replan:
+            start = time.monotonic()
+            self.replanner = Replanner.from_plan(
+                self.plan, batch_s, self._after_training_s, first_epoch=(final if dynamic else 0) + 1,
+                min_epochs=min_epochs, accumulate=trainer.accumulate_grad_batches,
+                # Outside train() no budget clock runs: count from this plan, as planning did.
+                elapsed=lambda: clock_elapsed() or spent + time.monotonic() - start)
         self.report = {"budget": format_seconds(self.budget_s), **self.record, **self.plan.to_dict(),
                        "measured": {"train_batch_s": {str(k): round(v, 4) for k, v in timings.batch_s.items()},
                                     "eval_batch_s": round(timings.eval_batch_s, 4),
@@ -221,6 +232,8 @@ class BudgetPlanner(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_batch_end = None  # the epoch's first batch is timed from its own start: not the loader's
+        if self._training and self.replanner is not None:  # first: the epoch it makes the last must validate
+            self.replanner.on_epoch_start(trainer, trainer.current_epoch)
         if self._training and trainer.current_epoch == trainer.max_epochs - 1:
             _validate_this_epoch(trainer)
 
@@ -271,7 +284,9 @@ class BudgetPlanner(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.report:
             self.report["epochs_trained"] = trainer.current_epoch
-            self.report["stopped_by_timer"] = trainer.current_epoch < (self.plan.epochs if self.plan else 0)
+            if self.replanner is not None:
+                self.report["replanned"] = self.replanner.changes  # [{epoch, pace, epochs}] where the plan changed
+            self.report["stopped_by_timer"] = trainer.current_epoch < (trainer.max_epochs or 0)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # After fit, validate and test: the last one before metrics.json is written has the final figure.
