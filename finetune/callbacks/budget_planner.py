@@ -21,7 +21,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, Timer
 
 from finetune.budget import (
-    LOOP_BATCH_S, LOOP_EPOCH_S, NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval, validations,
+    LOOP_BATCH_S, LOOP_EPOCH_S, NET_AIM, BudgetPlan, clock_elapsed, format_seconds, plan_epochs, val_interval,
+    validations,
 )
 from finetune.callbacks.step_timing import Timings, measure
 from finetune.errors import FineTuneError
