@@ -168,7 +168,12 @@ def test_logme_chooses_only_where_advise_trust_logme_allows(tiny_candidates) -> 
     a = advise(compose([*overrides, "advise.trust_logme=none"]))
     b = a["backbones"]
     speeds = {c["name"]: c["images_per_s"] for c in b["candidates"]}
-    assert b["rule"]["logme_used"] is False and b["chosen"] == max(speeds, key=speeds.get)
+    params = {c["name"]: c["params"] for c in b["candidates"]}
+    # The fastest, where speeds within advise.speed_tolerance count as equal and fewer parameters go first:
+    # the two tiny candidates' measured speeds cross each other from run to run.
+    tolerance = b["rule"]["speed_tolerance"]
+    fast = [n for n in speeds if speeds[n] * (1 + tolerance) >= max(speeds.values())]
+    assert b["rule"]["logme_used"] is False and b["chosen"] == min(fast, key=params.get)
     assert "LogME not used" in b["reason"]
     with pytest.raises(FineTuneError, match="advise.trust_logme must be all, similar or none, got 'maybe'"):
         advise(compose([*overrides, "advise.trust_logme=maybe"]))
