@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterator
 from finetune.errors import FineTuneError
 
 __all__ = [
-    "LOOP_BATCH_S", "LOOP_EPOCH_S", "MAX_EPOCHS", "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed", "format_seconds",
-    "images_in_budget", "optimizer_steps", "parse_budget", "plan_epochs", "run_budget_s", "val_interval", "validations",
+    "LOOP_BATCH_S", "LOOP_EPOCH_S", "MAX_EPOCHS", "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed",
+    "format_seconds", "images_in_budget", "optimizer_steps", "parse_budget", "plan_epochs", "run_budget_s",
+    "val_interval", "validations",
 ]
 
 # The plan aims this far under the budget: step times on a shared machine wander by a few percent.

@@ -1,13 +1,15 @@
 """The callback that fits a run to its time budget (``budget=10m``): measure, plan, stop on time.
 
 At ``setup("fit")``, before Lightning asks the module for its optimizer and LR schedule, it times
-(:mod:`finetune.callbacks.step_timing`) a few training steps and validation batches on the real data and device (on the module itself, whose
-weights, buffers, trainable set and RNG states are put back afterwards), plans the epochs with
-:func:`finetune.budget.plan_epochs`, and sets ``max_epochs`` and ``limit_train_batches`` on the trainer:
-``estimated_stepping_batches`` then gives the schedule its planned length. A Lightning ``Timer`` is
-the safety net only (the budget plus 5%, less what the end of the run needs, so that the run ends
-within 10% even where that need is misjudged), set from the pace of the last steps. ``metrics.json``
-gets ``budget``: the plan, the figures it came from, and ``took_s``.
+(:mod:`finetune.callbacks.step_timing`) a few training steps and validation batches on the real data and
+device (on the module itself, whose weights, buffers, trainable set and RNG states are put back
+afterwards), plans the epochs with :func:`finetune.budget.plan_epochs`, and sets ``max_epochs`` and
+``limit_train_batches`` on the trainer: ``estimated_stepping_batches`` then gives the schedule its planned
+length. At epoch boundaries :class:`finetune.replan.Replanner` corrects the plan from the pace measured
+since (``budget_replan``). A Lightning ``Timer`` is the safety net only (the budget plus 5%, less what the
+end of the run needs, so that the run ends within 10% even where that need is misjudged), set from the
+pace of the last steps. ``metrics.json`` gets ``budget``: the plan, the figures it came from, its changes
+and ``took_s``.
 """
 
 from __future__ import annotations
