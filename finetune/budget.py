@@ -25,7 +25,7 @@ from finetune.errors import FineTuneError
 
 __all__ = [
     "LOOP_BATCH_S", "LOOP_EPOCH_S", "MAX_EPOCHS", "BudgetPlan", "budget_clock", "budget_left_s", "clock_elapsed",
-    "format_seconds", "images_in_budget", "optimizer_steps", "parse_budget", "plan_epochs", "run_budget_s",
+    "epoch_s", "format_seconds", "images_in_budget", "optimizer_steps", "parse_budget", "plan_epochs", "run_budget_s",
     "val_interval", "validations",
 ]
 
@@ -202,7 +202,8 @@ class BudgetPlan:
         return out
 
 
-def _epoch_s(batches: int, batch_s: Callable[[int], float], epoch: int, overhead: float) -> float:
+def epoch_s(batches: int, batch_s: Callable[[int], float], epoch: int, overhead: float) -> float:
+    """Seconds of training epoch ``epoch``: its batches and its fixed overhead (validation not included)."""
     return batches * batch_s(epoch) + overhead
 
 
@@ -247,12 +248,12 @@ def plan_epochs(
     every = max(1, int(val_every))
 
     def cost(epochs: int, batches: int) -> float:
-        steps = sum(_epoch_s(batches, batch_s, e, epoch_overhead_s) for e in range(epochs))
+        steps = sum(epoch_s(batches, batch_s, e, epoch_overhead_s) for e in range(epochs))
         return steps + val_s * validations(epochs, every)
 
     epochs, steps_s = 0, 0.0  # the training epochs' own cost, summed as they are added
     while epochs < max_epochs:
-        steps_s += _epoch_s(full, batch_s, epochs, epoch_overhead_s)
+        steps_s += epoch_s(full, batch_s, epochs, epoch_overhead_s)
         if steps_s + val_s * validations(epochs + 1, every) > avail:
             break
         epochs += 1

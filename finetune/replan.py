@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from finetune.budget import MARGIN, MAX_EPOCHS, BudgetPlan, optimizer_steps
+from finetune.budget import MARGIN, MAX_EPOCHS, BudgetPlan, epoch_s, optimizer_steps
 
 __all__ = ["Replanner", "TimeWarp", "epochs_that_fit"]
 
@@ -50,10 +50,10 @@ class TimeWarp:
     def __init__(self, end: int) -> None:
         self.end = float(end)  # the original schedule's last step
         self.knots: list[tuple[float, float, float]] = [(0.0, 0.0, 1.0)]  # (step, schedule step there, slope)
+        self._steps = [0.0]  # the knots' steps, for bisect: each LR lookup of each group reads them
 
     def __call__(self, step: float) -> float:
-        i = bisect.bisect_right([k[0] for k in self.knots], step) - 1
-        at, mapped, slope = self.knots[max(0, i)]
+        at, mapped, slope = self.knots[max(0, bisect.bisect_right(self._steps, step) - 1)]
         return mapped + (step - at) * slope
 
     def retarget(self, at_step: int, new_end: int) -> None:
@@ -62,6 +62,7 @@ class TimeWarp:
         self.knots = [k for k in self.knots if k[0] < at_step]
         slope = (self.end - mapped) / (new_end - at_step) if new_end > at_step else 1.0
         self.knots.append((float(at_step), mapped, max(0.0, slope)))
+        self._steps = [k[0] for k in self.knots]
 
     def wrap(self, scheduler: LambdaLR) -> None:
         """Put the warp between ``scheduler`` and its multipliers (once)."""
@@ -90,9 +91,8 @@ class Replanner:
 
     Args:
         budget_s: the run's budget.
-        epoch_s: the plan's seconds for one epoch once the trainable set is final (batches, loader start, a
-            share of validation and checkpoints).
-        planned_s: the plan's seconds for epoch ``e`` (cheaper head-only epochs of an unfreezing strategy).
+        planned_s: the plan's seconds for epoch ``e``: batches, loader start, a share of validation and
+            checkpoints (cheaper head-only epochs of an unfreezing strategy).
         end_s: the plan's seconds for what comes after training (final validation, calibration, test).
         steps_per_epoch: optimizer steps per epoch.
         first_epoch: the first epoch at which to re-plan: every group has started, so no unfreeze moves.
@@ -101,11 +101,11 @@ class Replanner:
         elapsed: the budget clock's seconds so far (finetune.budget.clock_elapsed).
     """
 
-    def __init__(self, budget_s: float, epoch_s: float, planned_s: Callable[[int], float], end_s: float,
-                 steps_per_epoch: int, first_epoch: int, min_epochs: int, max_epochs: int,
-                 elapsed: Callable[[], float]) -> None:
-        self.budget_s, self.epoch_s, self.planned_s, self.end_s = budget_s, epoch_s, planned_s, end_s
+    def __init__(self, budget_s: float, planned_s: Callable[[int], float], end_s: float, steps_per_epoch: int,
+                 first_epoch: int, min_epochs: int, max_epochs: int, elapsed: Callable[[], float]) -> None:
+        self.budget_s, self.planned_s, self.end_s = budget_s, planned_s, end_s
         self.steps_per_epoch, self.first_epoch = steps_per_epoch, max(1, first_epoch)
+        self.epoch_s = planned_s(self.first_epoch)  # every epoch re-planned costs this: the trainable set is final
         self.min_epochs, self.max_epochs, self.elapsed = min_epochs, max_epochs, elapsed
         self.clock = time.monotonic
         self.took: list[tuple[float, float]] = []  # (seconds taken, seconds planned) of each epoch
@@ -120,10 +120,10 @@ class Replanner:
         val_share = plan.val_s / plan.check_val_every_n_epoch  # validation and its checkpoints, every few epochs
 
         def planned_s(epoch: int) -> float:
-            return plan.batches_per_epoch * batch_s(epoch) + plan.epoch_overhead_s + val_share
+            return epoch_s(plan.batches_per_epoch, batch_s, epoch, plan.epoch_overhead_s) + val_share
 
-        return cls(plan.budget_s, planned_s(first_epoch), planned_s, end_s,
-                   optimizer_steps(plan.batches_per_epoch, accumulate), first_epoch, min_epochs, MAX_EPOCHS, elapsed)
+        return cls(plan.budget_s, planned_s, end_s, optimizer_steps(plan.batches_per_epoch, accumulate), first_epoch,
+                   min_epochs, MAX_EPOCHS, elapsed)
 
     def pace(self) -> float:
         """Seconds taken over seconds planned, of the last epochs (at least PACE_EPOCHS, and PACE_SECONDS)."""
@@ -168,9 +168,10 @@ class Replanner:
             self._warp.wrap(scheduler)
         self._warp.retarget(int(scheduler.last_epoch), new * self.steps_per_epoch)
         trainer.fit_loop.max_epochs = new
-        self.changes.append({"epoch": epoch, "pace": round(self.pace(), 3), "epochs": new})
+        pace = self.pace()
+        self.changes.append({"epoch": epoch, "pace": round(pace, 3), "epochs": new})
         if getattr(trainer, "is_global_zero", True):
-            print(f"budget: epochs took {self.pace():.2f}x their planned time; training {new} epochs instead of "
+            print(f"budget: epochs took {pace:.2f}x their planned time; training {new} epochs instead of "
                   f"{current}, the LR schedule stretched to end with them", flush=True)
 
 

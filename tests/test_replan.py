@@ -46,7 +46,7 @@ def test_epochs_that_fit() -> None:
 
 
 def _replanner(elapsed: list[float], **kw) -> Replanner:  # noqa: ANN003
-    args = dict(budget_s=1000.0, epoch_s=100.0, planned_s=lambda e: 100.0, end_s=50.0, steps_per_epoch=10,
+    args = dict(budget_s=1000.0, planned_s=lambda e: 100.0, end_s=50.0, steps_per_epoch=10,
                 first_epoch=1, min_epochs=1, max_epochs=10_000, elapsed=lambda: elapsed[0])
     args.update(kw)
     return Replanner(**args)
